@@ -1,0 +1,313 @@
+"""`llava-hpc`: the command line. Thin on purpose: parse, load the pipeline, call the orchestrator, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from llava_hpc.config import PIPELINE_ENV, Pipeline, PipelineError, find_pipeline, load_pipeline, with_resource_overrides
+from llava_hpc.rundir import AlreadyLockedError, RunDir, make_private
+from llava_hpc.stages import ORDER, STAGES, StageNotBuiltError
+
+app = typer.Typer(
+    name="llava-hpc",
+    help=(
+        "Train and evaluate LLaVA-style vision-language models on a Slurm cluster.\n\n"
+        "A pipeline file (TOML) says what to train and where; every stage runs as a Slurm job (or job array)\n"
+        "and hands its outputs to the next through a run directory. Start with the demo, which needs no\n"
+        "cluster and no GPU:\n\n"
+        "    llava-hpc run -p pipelines/demo.toml\n\n"
+        "On a cluster: `llava-hpc submit all`, then `llava-hpc status`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+PipelineOpt = Annotated[
+    Optional[Path],
+    typer.Option("--pipeline", "-p", help=f"pipeline file (default: ${PIPELINE_ENV}, else ./pipeline.toml)"),
+]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="run directory (default: the pipeline's run_dir)")]
+ExecutorOpt = Annotated[Optional[str], typer.Option("--executor", help="slurm | local | debug (default: the pipeline's)")]
+PartitionOpt = Annotated[Optional[str], typer.Option("--partition", help="Slurm partition for the submitted stage(s)")]
+AccountOpt = Annotated[Optional[str], typer.Option("--account", help="Slurm account to charge")]
+QosOpt = Annotated[Optional[str], typer.Option("--qos", help="Slurm QOS")]
+TimeOpt = Annotated[Optional[str], typer.Option("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")]
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="GPUs per node")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(pipeline_opt: Path | None, run_dir_opt: Path | None) -> tuple[Pipeline, RunDir]:
+    """The pipeline and run directory a command works on. With only --run-dir, the run's own resolved copy
+    of the pipeline is used, so `status`/`logs`/`cancel` work from anywhere."""
+    try:
+        if pipeline_opt is None and run_dir_opt is not None and not os.environ.get(PIPELINE_ENV) \
+                and not Path("pipeline.toml").exists() and (run_dir_opt / "pipeline.toml").exists():
+            pipeline = load_pipeline(run_dir_opt / "pipeline.toml")
+        else:
+            pipeline = load_pipeline(find_pipeline(pipeline_opt))
+    except PipelineError as exc:
+        _fail(str(exc))
+    if run_dir_opt is not None:
+        pipeline = pipeline.model_copy(update={"run_dir": run_dir_opt.expanduser().resolve()})
+    return pipeline, RunDir(pipeline.run_dir)
+
+
+def _orchestrator(pipeline: Pipeline, run: RunDir, executor: str | None):
+    from llava_hpc.orchestrate import Orchestrator
+    from llava_hpc.scheduler import SchedulerError
+
+    try:
+        return Orchestrator(pipeline, run, executor)
+    except SchedulerError as exc:
+        _fail(str(exc))
+
+
+def _apply_overrides(pipeline: Pipeline, stages: list[str], **overrides) -> Pipeline:
+    try:
+        return with_resource_overrides(pipeline, stages, **overrides)
+    except PipelineError as exc:
+        _fail(str(exc))
+
+
+def _stages_for(stage: str) -> list[str]:
+    from llava_hpc.orchestrate import resolve_stages
+
+    try:
+        return resolve_stages(stage)
+    except StageNotBuiltError as exc:
+        _fail(str(exc))
+
+
+def _print_outcome(outcome) -> None:
+    colour = {"submitted": "green", "failed": "red", "dry-run": "cyan"}.get(outcome.action, "yellow")
+    console.print(f"[bold]{outcome.stage:9}[/] [{colour}]{outcome.action}[/] {outcome.message}", highlight=False)
+    if outcome.script:
+        console.print(outcome.script, markup=False, highlight=False)
+
+
+def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides):
+    make_private()
+    pipeline, run = _load(pipeline_opt, run_dir)
+    stages = _stages_for(stage)
+    pipeline = _apply_overrides(pipeline, stages, **overrides)
+    orchestrator = _orchestrator(pipeline, run, executor)
+    from llava_hpc.scheduler import SchedulerError
+
+    try:
+        outcomes = orchestrator.submit(stage, force=force, dry_run=dry_run, wait=wait, on_outcome=_print_outcome)
+    except AlreadyLockedError as exc:
+        _fail(f"another llava-hpc command is submitting into this run directory: {exc}")
+    except (SchedulerError, StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    if any(o.action == "failed" for o in outcomes):
+        raise typer.Exit(1)
+    return pipeline, run, orchestrator, stages
+
+
+@app.command()
+def submit(
+    stage: Annotated[str, typer.Argument(help=f"a stage ({', '.join(ORDER)}) or 'all'")],
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    executor: ExecutorOpt = None,
+    partition: PartitionOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    time_limit: TimeOpt = None,
+    gpus: GpusOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="redo stages that are done or already queued")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sbatch script(s); submit nothing")] = False,
+):
+    """Submit a stage (or 'all', chained with afterok) as Slurm job(s). Done stages are skipped.
+
+    On the local executor stages run on this machine, one after the other, and this command waits."""
+    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus)
+    _submit(stage, pipeline, run_dir, executor, force, dry_run, None, overrides)
+
+
+@app.command()
+def run(
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    executor: ExecutorOpt = None,
+    partition: PartitionOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    time_limit: TimeOpt = None,
+    gpus: GpusOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="redo stages that are done")] = False,
+    poll: Annotated[float, typer.Option(help="seconds between status checks")] = 3.0,
+):
+    """Submit every stage and wait for the end, showing progress. The demo's main job:
+
+        llava-hpc run -p pipelines/demo.toml"""
+    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus)
+    started = time.time()
+    pipeline_obj, run_obj, orchestrator, stages = _submit("all", pipeline, run_dir, executor, force, False, None, overrides)
+    if orchestrator.executor == "slurm":
+        with Live(console=console, refresh_per_second=1) as live:
+            rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
+    else:
+        rows = [r for r in orchestrator.status() if r.stage in stages]
+        console.print(_status_table(rows, run_obj))
+    failed = [r for r in rows if r.state != "done"]
+    console.print(f"finished in {time.time() - started:.0f} s; run directory: {run_obj.root}")
+    if failed:
+        _fail(", ".join(f"{r.stage} {r.state}" for r in failed), code=1)
+
+
+def _elapsed(seconds: int) -> str:
+    if not seconds:
+        return "-"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+STATE_STYLE = {"done": "green", "running": "cyan", "pending": "yellow", "requeued": "magenta", "failed": "bold red",
+               "cancelled": "red", "not submitted": "dim", "submitted": "yellow"}
+
+
+def _status_table(rows, run: RunDir) -> Table:
+    table = Table(title=f"llava-hpc  {run.root}", title_justify="left")
+    for column in ("stage", "state", "job", "tasks", "elapsed", "GPU-h", "progress / reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = STATE_STYLE.get(row.state.split()[0], "")
+        job = row.job_ids[0].split("_")[0] if row.job_ids else "-"
+        tasks = f"{row.tasks_done}/{row.tasks_total}" if row.tasks_total else "-"
+        note = " ".join(x for x in (row.progress or "", row.reason) if x)
+        if row.log:
+            note += f"\nlog: {row.log}"
+        table.add_row(row.stage, f"[{style}]{row.state}[/]", job, tasks, _elapsed(row.elapsed_s),
+                      f"{row.gpu_hours:.2f}" if row.gpu_hours else "-", note)
+    return table
+
+
+@app.command()
+def status(
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+):
+    """One table: each stage's state, job id, array progress, elapsed time, GPU-hours, and why it failed.
+
+    Asks Slurm with one squeue and one sacct call, however many jobs there are."""
+    pipeline_obj, run = _load(pipeline, run_dir)
+    orchestrator = _orchestrator(pipeline_obj, run, None)
+    from llava_hpc.scheduler import SchedulerError
+
+    try:
+        rows = orchestrator.status()
+    except SchedulerError as exc:
+        _fail(str(exc))
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(r) for r in rows], indent=1))
+    else:
+        console.print(_status_table(rows, run))
+
+
+@app.command()
+def logs(
+    stage: Annotated[str, typer.Argument(help="stage whose log to show")],
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    task: Annotated[Optional[int], typer.Option("--task", help="array task (default: the first failed, else 0)")] = None,
+    stdout: Annotated[bool, typer.Option("--stdout", help="show stdout instead of stderr")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as the log grows, until the job ends")] = False,
+):
+    """Print a stage's job log (stderr by default, where Python logs and tracebacks go)."""
+    pipeline_obj, run = _load(pipeline, run_dir)
+    if stage not in STAGES:
+        _fail(f"unknown stage {stage!r}; stages: {', '.join(ORDER)}")
+    submission = run.latest_submission(stage)
+    if submission is None:
+        _fail(f"stage {stage} was never submitted in {run.root}")
+    orchestrator = _orchestrator(pipeline_obj, run, submission.executor)
+    states = orchestrator.scheduler.query([submission])
+    if task is None:
+        failed = [i for i, j in enumerate(submission.job_ids) if states[j].state not in ("COMPLETED", "RUNNING", "PENDING", "UNKNOWN")]
+        task = failed[0] if failed else 0
+    if not 0 <= task < len(submission.job_ids):
+        _fail(f"stage {stage} has tasks 0..{len(submission.job_ids) - 1}")
+    out, err = orchestrator.scheduler.log_paths(submission, task)
+    path = out if stdout else err
+    console.print(f"[dim]{path}[/]", highlight=False)
+    position = 0
+    while True:
+        if path.exists():
+            with open(path, errors="replace") as f:
+                f.seek(position)
+                chunk = f.read()
+                position = f.tell()
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        if not follow:
+            if not path.exists():
+                _fail(f"no log yet at {path} (job {submission.job_ids[task]} has not started?)", code=1)
+            return
+        state = orchestrator.scheduler.query([submission])[submission.job_ids[task]]
+        if state.finished:
+            return
+        time.sleep(1.0)
+
+
+@app.command()
+def cancel(
+    stage: Annotated[Optional[str], typer.Argument(help="stage to cancel (default: every stage)")] = None,
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+):
+    """Cancel the queued or running job(s) of a stage, or of every stage."""
+    from llava_hpc.orchestrate import NothingToDo
+    from llava_hpc.scheduler import SchedulerError
+
+    if stage is not None and stage not in STAGES:
+        _fail(f"unknown stage {stage!r}; stages: {', '.join(ORDER)}")
+    pipeline_obj, run = _load(pipeline, run_dir)
+    orchestrator = _orchestrator(pipeline_obj, run, None)
+    try:
+        cancelled = orchestrator.cancel(stage)
+    except (NothingToDo, SchedulerError) as exc:
+        _fail(str(exc), code=1)
+    console.print(f"cancelled: {', '.join(cancelled) or 'nothing was running'}")
+
+
+@app.command()
+def validate(
+    pipeline: PipelineOpt = None,
+    check_files: Annotated[bool, typer.Option(help="check that dataset and bench files exist")] = True,
+):
+    """Check a pipeline file and print it resolved (absolute paths, defaults filled in)."""
+    try:
+        resolved = load_pipeline(find_pipeline(pipeline), check_files=check_files)
+    except PipelineError as exc:
+        _fail(str(exc))
+    console.print(resolved.to_toml(), markup=False, highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Parquet shards of precomputed vision features.
+
+One row per sample: `id`, `image` (the path as the dataset names it) and `features`, the [num_patches,
+hidden_size] fp16 matrix flattened into a fixed-size list of halffloat (readable by pyarrow and
+`datasets` alike). The shape lives in the schema metadata. Each shard has a small JSON sidecar
+(`part-00000.json`) written before the shard itself is renamed into place, so a visible shard always has
+its row count, checksum and bad records beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llava_hpc.rundir import atomic_path, atomic_write_json
+
+SHAPE_KEY = b"llava_hpc.features_shape"
+
+
+class CorruptShardError(RuntimeError):
+    pass
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def features_table(ids: list[str], images: list[str], features: np.ndarray) -> pa.Table:
+    if features.ndim != 3 or len(features) != len(ids) or len(ids) != len(images):
+        raise ValueError(f"features must be [rows, patches, hidden] with one row per id; got {features.shape} for {len(ids)} ids")
+    rows, patches, hidden = features.shape
+    flat = pa.array(np.ascontiguousarray(features, dtype=np.float16).reshape(-1), type=pa.float16())
+    column = pa.FixedSizeListArray.from_arrays(flat, patches * hidden)
+    schema = pa.schema(
+        [("id", pa.string()), ("image", pa.string()), ("features", column.type)],
+        metadata={SHAPE_KEY: json.dumps([patches, hidden]).encode()},
+    )
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(images, pa.string()), column], schema=schema)
+
+
+def write_shard(
+    directory: Path,
+    index: int,
+    ids: list[str],
+    images: list[str],
+    features: np.ndarray,
+    bad_records: list[dict],
+    compression: str = "zstd",
+) -> dict:
+    """Write `part-XXXXX.parquet` and its sidecar; the Parquet file appears last and atomically."""
+    directory = Path(directory)
+    name = shard_name(index)
+    table = features_table(ids, images, features)
+    target = directory / f"{name}.parquet"
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp, compression=None if compression == "none" else compression)
+        meta = {
+            "shard": index,
+            "rows": len(ids),
+            "bad": len(bad_records),
+            "bad_records": bad_records,
+            "bytes": tmp.stat().st_size,
+            "sha256": file_sha256(tmp),
+            "shape": list(features.shape[1:]),
+            "compression": compression,
+        }
+        atomic_write_json(directory / f"{name}.json", meta)
+    return meta
+
+
+def read_shard(path: Path, verify: bool = False) -> tuple[list[str], list[str], np.ndarray]:
+    path = Path(path)
+    if verify:
+        verify_shard(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptShardError(f"{path}: unreadable Parquet shard ({exc}); delete it and rerun the features stage") from exc
+    patches, hidden = json.loads(table.schema.metadata[SHAPE_KEY])
+    flat = table.column("features").combine_chunks().values.to_numpy(zero_copy_only=False)
+    features = flat.reshape(table.num_rows, patches, hidden)
+    return table.column("id").to_pylist(), table.column("image").to_pylist(), features
+
+
+def verify_shard(path: Path) -> None:
+    """Compare a shard with the checksum in its sidecar: a flipped byte on a shared filesystem is caught here."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    try:
+        expected = json.loads(sidecar.read_text())["sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CorruptShardError(f"{sidecar}: missing or unreadable shard sidecar ({exc})") from exc
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CorruptShardError(f"{path}: checksum {actual[:12]}... does not match {expected[:12]}... in {sidecar.name}")
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("part-*.parquet"))
+
+
+class FeatureStore:
+    """All shards of one dataset's features, looked up by sample id.
+
+    Loads every shard into memory (the tiny and synthetic sets are small; a real set should be read shard by
+    shard with `read_shard`)."""
+
+    def __init__(self, directory: Path, verify: bool = False):
+        self.directory = Path(directory)
+        paths = shard_paths(self.directory)
+        if not paths:
+            raise FileNotFoundError(f"{self.directory}: no feature shards (part-*.parquet); run the features stage first")
+        self._features: list[np.ndarray] = []
+        self._index: dict[str, tuple[int, int]] = {}
+        self.images: dict[str, str] = {}
+        for shard_number, path in enumerate(paths):
+            ids, images, features = read_shard(path, verify=verify)
+            self._features.append(features)
+            for row, (sample_id, image) in enumerate(zip(ids, images)):
+                self._index[sample_id] = (shard_number, row)
+                self.images[sample_id] = image
+        first = self._features[0]
+        self.num_patches, self.hidden_size = first.shape[1], first.shape[2]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._index
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def get(self, sample_id: str) -> np.ndarray:
+        try:
+            shard_number, row = self._index[sample_id]
+        except KeyError:
+            raise KeyError(f"{self.directory}: no features for sample id {sample_id!r}") from None
+        return self._features[shard_number][row]

@@ -1,0 +1,247 @@
+"""Turning `submit STAGE|all`, `run`, `status` and `cancel` into scheduler calls, under the run-directory lock.
+
+On Slurm the whole chain is queued at once, each stage `afterok` the stages it reads from. The local and
+debug executors have no queue and no dependencies, so here the project itself runs stages in order, each
+waiting for the one before.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from llava_hpc.config import Pipeline
+from llava_hpc.rundir import RunDir, Submission, atomic_write_text
+from llava_hpc.scheduler import ACTIVE_STATES, FAILED_STATES, QueryStats, Scheduler, TaskState
+from llava_hpc.stages import ORDER, STAGES, StageContext, StageNotBuiltError, built_stages, stage_module, upstream
+
+
+class NothingToDo(Exception):
+    pass
+
+
+def resolve_stages(requested: str) -> list[str]:
+    """'all' -> every built stage in order; a stage name -> itself (refused if it is not built yet)."""
+    if requested == "all":
+        return built_stages()
+    stage_module(requested)  # raises with a clear message for unknown or unbuilt stages
+    return [requested]
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    action: str  # submitted | skipped-done | skipped-active | dry-run | failed
+    message: str
+    submission: Submission | None = None
+    script: str | None = None
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    state: str  # not submitted | submitted | pending | running | requeued | done | failed | cancelled
+    job_ids: list[str] = field(default_factory=list)
+    tasks_done: int = 0
+    tasks_total: int = 0
+    elapsed_s: int = 0
+    gpu_hours: float = 0.0
+    progress: str | None = None
+    reason: str = ""
+    log: str = ""
+
+
+def summarize(stage: str, submission: Submission | None, states: dict[str, TaskState], done: bool) -> StageStatus:
+    if submission is None:
+        return StageStatus(stage, "done" if done else "not submitted")
+    tasks = [states.get(job_id, TaskState(job_id)) for job_id in submission.job_ids]
+    names = [t.state for t in tasks]
+    status = StageStatus(
+        stage,
+        "submitted",
+        job_ids=submission.job_ids,
+        tasks_done=sum(n == "COMPLETED" for n in names),
+        tasks_total=len(tasks),
+        elapsed_s=max((t.elapsed_s for t in tasks), default=0),
+        gpu_hours=sum(t.gpu_seconds for t in tasks) / 3600,
+    )
+    failed = [t for t in tasks if t.state in FAILED_STATES]
+    cancelled = [t for t in tasks if t.state.startswith("CANCELLED")]
+    requeued = any(t.requeues for t in tasks)
+    if any(n == "RUNNING" for n in names):
+        status.state = "running"
+    elif any(n in ACTIVE_STATES for n in names):
+        status.state = "requeued" if requeued else "pending"
+        waiting = {t.reason for t in tasks if t.reason}
+        status.reason = ", ".join(sorted(waiting))
+    elif failed:
+        status.state = "failed"
+    elif cancelled:
+        status.state = "cancelled"
+    elif done:
+        status.state = "done"
+    elif names and all(n == "COMPLETED" for n in names):
+        # Every task ended well but the stage wrote no _SUCCESS: it is not done, and says why.
+        status.state = "failed"
+        status.reason = "jobs completed but the stage's _SUCCESS marker is missing"
+    if requeued and status.state == "running":
+        status.state = "running (requeued)"
+    for task in failed + cancelled:
+        if not status.reason:
+            status.reason = f"{task.job_id}: {task.state}" + (f" exit {task.exit_code}" if task.exit_code not in ("", "0:0") else "")
+            status.reason += _last_error_line(task.log_err)
+        if not status.log and task.log_err:
+            status.log = task.log_err
+    return status
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b(:|$)")
+
+
+def _last_error_line(path: str) -> str:
+    """The exception that killed a task, from the end of its stderr (srun's own epilogue comes after it)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f.readlines()[-200:] if line.strip()]
+    except OSError:
+        return ""
+    for pattern in (_EXCEPTION_LINE, re.compile(r"error", re.I)):
+        for line in reversed(lines):
+            if pattern.search(line):
+                return f" - {line[:300]}"
+    return f" - {lines[-1][:300]}" if lines else ""
+
+
+class Orchestrator:
+    def __init__(self, pipeline: Pipeline, run: RunDir, executor: str | None = None):
+        self.pipeline = pipeline
+        self.run = run
+        self.executor = executor or pipeline.executor
+        self.scheduler = Scheduler(run, self.executor, python=pipeline.python)
+        self.ctx = StageContext(pipeline, run)
+
+    # ------------------------------------------------------------------------------------------ status
+    def status(self, stats: QueryStats | None = None) -> list[StageStatus]:
+        latest = {stage: self.run.latest_submission(stage) for stage in ORDER}
+        submissions = [s for s in latest.values() if s is not None]
+        states = self.scheduler.query(submissions, stats) if submissions else {}
+        rows = []
+        for stage in ORDER:
+            if STAGES[stage].module is None and latest[stage] is None:
+                continue
+            done = self._is_done(stage)
+            row = summarize(stage, latest[stage], states, done)
+            if STAGES[stage].module is not None:
+                row.progress = getattr(stage_module(stage), "progress", lambda ctx: None)(self.ctx)
+            rows.append(row)
+        return rows
+
+    def _is_done(self, stage: str) -> bool:
+        try:
+            return stage_module(stage).is_done(self.ctx)
+        except StageNotBuiltError:
+            return False
+
+    # ------------------------------------------------------------------------------------------ submit
+    def submit(self, requested: str, force: bool = False, dry_run: bool = False, wait: bool | None = None,
+               on_outcome=None) -> list[StageOutcome]:
+        """Submit the requested stage(s). `wait` defaults to True where there is no queue (local, debug)."""
+        stages = resolve_stages(requested)
+        wait = self.executor != "slurm" if wait is None else wait
+        if dry_run:
+            return self._submit_locked(stages, force, dry_run, wait, on_outcome)
+        with self.run.lock(f"llava-hpc submit {requested}"):
+            return self._submit_locked(stages, force, dry_run, wait, on_outcome)
+
+    def _submit_locked(self, stages, force, dry_run, wait, on_outcome) -> list[StageOutcome]:
+        if not dry_run:
+            self.run.create()
+            atomic_write_text(self.run.pipeline_file, self.pipeline.to_toml())
+        outcomes: list[StageOutcome] = []
+        active: dict[str, Submission] = self._active_submissions()
+        for stage in stages:
+            outcome = self._submit_stage(stage, stages, force, dry_run, active)
+            outcomes.append(outcome)
+            if on_outcome:
+                on_outcome(outcome)
+            if outcome.submission is not None:
+                active[stage] = outcome.submission
+                if wait:
+                    errors = self.scheduler.wait(outcome.submission)
+                    if errors or not self._is_done(stage):
+                        failed = StageOutcome(stage, "failed", "; ".join(errors) or "ended without writing _SUCCESS",
+                                              outcome.submission)
+                        outcomes.append(failed)
+                        if on_outcome:
+                            on_outcome(failed)
+                        break
+        return outcomes
+
+    def _active_submissions(self) -> dict[str, Submission]:
+        """Latest submissions whose jobs are still queued or running: resubmitting them would double the work."""
+        latest = {stage: self.run.latest_submission(stage) for stage in ORDER}
+        live = [s for s in latest.values() if s is not None and s.executor == "slurm"]
+        if not live:
+            return {}
+        states = self.scheduler.query(live)
+        return {
+            s.stage: s for s in live
+            if any(states.get(j, TaskState(j)).state in ACTIVE_STATES for j in s.job_ids)
+        }
+
+    def _submit_stage(self, stage, stages, force, dry_run, active) -> StageOutcome:
+        module = stage_module(stage)
+        if getattr(self.pipeline.stages, stage, None) is None:
+            return StageOutcome(stage, "failed", f"the pipeline has no [stages.{stage}] table")
+        if module.is_done(self.ctx) and not force:
+            return StageOutcome(stage, "skipped-done", "already done (_SUCCESS exists); --force to redo")
+        if stage in active and not force:
+            ids = ",".join(active[stage].job_ids[:3]) + ("..." if len(active[stage].job_ids) > 3 else "")
+            return StageOutcome(stage, "skipped-active", f"already queued or running (job {ids}); --force to resubmit")
+        if force and not dry_run:
+            self._clear_done(stage)
+        tasks = module.plan(self.ctx)
+        if not tasks:
+            return StageOutcome(stage, "skipped-done", "nothing left to compute")
+        after = [active[parent] for parent in upstream(stage, list(active) + stages) if parent in active]
+        resources = self.pipeline.resources(stage)
+        if dry_run:
+            script = self.scheduler.sbatch_script(stage, tasks, resources, after)
+            return StageOutcome(stage, "dry-run", f"would submit {len(tasks)} task(s)", script=script)
+        submission = self.scheduler.submit(stage, tasks, resources, after, STAGES[stage].checkpointable)
+        kind = f"array of {len(tasks)}" if len(tasks) > 1 else "job"
+        deps = f", afterok {','.join(submission.depends_on)}" if submission.depends_on else ""
+        return StageOutcome(stage, "submitted", f"{kind} {submission.array_job_id}{deps}", submission)
+
+    def _clear_done(self, stage: str) -> None:
+        """--force: remove the stage's completion markers so it runs again (its outputs are overwritten)."""
+        stage_dir = self.run.stage_dir(stage)
+        if stage_dir.exists():
+            for marker in stage_dir.rglob("_SUCCESS"):
+                marker.unlink()
+        if stage == "features":  # forcing features means recomputing the shards, not just re-marking them
+            for path in stage_dir.rglob("part-*.parquet"):
+                path.unlink()
+
+    # ------------------------------------------------------------------------------------------ wait / cancel
+    def wait_until_finished(self, stages: list[str], poll_s: float = 3.0, timeout_s: float | None = None,
+                            on_poll=None) -> list[StageStatus]:
+        started = time.time()
+        while True:
+            rows = {row.stage: row for row in self.status()}
+            if on_poll:
+                on_poll(list(rows.values()))
+            wanted = [rows[s] for s in stages if s in rows]
+            if any(r.state in ("failed", "cancelled") for r in wanted) or all(r.state == "done" for r in wanted):
+                return wanted
+            if timeout_s is not None and time.time() - started > timeout_s:
+                raise TimeoutError(f"stages {stages} not finished after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    def cancel(self, stage: str | None) -> list[str]:
+        stages = [stage] if stage else ORDER
+        submissions = [s for s in (self.run.latest_submission(name) for name in stages) if s is not None]
+        if not submissions:
+            raise NothingToDo("nothing was submitted" + (f" for {stage}" if stage else ""))
+        return self.scheduler.cancel(submissions)

@@ -1,0 +1,339 @@
+"""The only module that knows submitit (and Slurm's command-line tools).
+
+Submits one job, or one job array, per stage; chains stages with `afterok`; makes checkpointable stages
+requeue on preemption and timeout; asks Slurm about any number of jobs with one squeue and one sacct call.
+Executors: `slurm` (a real cluster), `local` (subprocesses on this machine, no queue) and `debug` (in the
+calling process, for tests and debuggers).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+from submitit.helpers import Checkpointable
+
+from llava_hpc.config import Resources
+from llava_hpc.rundir import RunDir, Submission
+from llava_hpc.stages import Task
+from llava_hpc.stages.runner import run_task
+
+EXECUTORS = ("slurm", "local", "debug")
+
+# Slurm states, grouped the way a user reads them.
+ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "STOPPED", "PREEMPTED"}
+FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+class SchedulerError(RuntimeError):
+    pass
+
+
+class _RequeueableStageCall(Checkpointable):
+    """A stage task that submitit requeues on preemption/timeout. Its state is on disk (checkpoints, finished
+    shards), so resubmitting the same call with the same arguments resumes the work."""
+
+    def __call__(self, run_dir: str, task: Task) -> dict:
+        return run_task(run_dir, task)
+
+
+@dataclass
+class TaskState:
+    job_id: str
+    state: str = "UNKNOWN"  # a Slurm state name, or UNKNOWN while accounting lags
+    elapsed_s: int = 0
+    gpu_seconds: float = 0.0
+    requeues: int = 0
+    exit_code: str = ""
+    reason: str = ""
+    log_err: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "COMPLETED" or self.state in FAILED_STATES or self.state.startswith("CANCELLED")
+
+
+@dataclass
+class QueryStats:
+    """How many Slurm commands a status query ran: the benchmark and a test hold it to one of each."""
+
+    squeue_calls: int = 0
+    sacct_calls: int = 0
+    seconds: float = 0.0
+    commands: list[list[str]] = field(default_factory=list)
+
+
+def _gpus_in_tres(tres: str) -> int:
+    match = re.search(r"gres/gpu(?::[^=,]+)?=(\d+)", tres or "")
+    return int(match.group(1)) if match else 0
+
+
+def _clock_to_seconds(text: str) -> int:
+    """squeue's %M: [D-][HH:]MM:SS."""
+    days = 0
+    if "-" in text:
+        day_text, text = text.split("-", 1)
+        days = int(day_text)
+    parts = [int(p) for p in text.split(":") if p.isdigit()]
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return days * 86400 + seconds
+
+
+def _expand_array_ids(job_id: str) -> list[str]:
+    """sacct shows pending array tasks as '123_[2-5,7%4]': expand to 123_2 ... 123_7."""
+    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not match:
+        return [job_id]
+    base, ranges = match.groups()
+    ids = []
+    for part in ranges.split("%")[0].split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            ids.extend(f"{base}_{i}" for i in range(int(lo), int(hi) + 1))
+        elif part:
+            ids.append(f"{base}_{part}")
+    return ids
+
+
+class Scheduler:
+    def __init__(self, run: RunDir, executor: str = "slurm", python: str | None = None):
+        if executor not in EXECUTORS:
+            raise SchedulerError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+        self.run = run
+        self.executor_kind = executor
+        self.python = python or sys.executable
+        self._live_jobs: dict[str, list[submitit.Job]] = {}
+
+    # ------------------------------------------------------------------------------------------ submit
+    def _executor(self, stage: str, resources: Resources, dependency: str | None,
+                  create_folder: bool = True) -> submitit.AutoExecutor:
+        folder = self.run.log_dir(stage)
+        if create_folder:
+            folder.mkdir(parents=True, exist_ok=True)
+        cluster = {"slurm": "slurm", "local": "local", "debug": "debug"}[self.executor_kind]
+        python = shlex.quote(self.python)
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=resources.max_requeues,
+                                         slurm_python=python, local_python=python)
+        params = dict(
+            name=f"llava-{stage}",
+            timeout_min=resources.time,
+            cpus_per_task=resources.cpus,
+            gpus_per_node=resources.gpus,
+            nodes=resources.nodes,
+            tasks_per_node=resources.tasks_per_node,
+        )
+        if resources.mem_gb is not None:
+            params["mem_gb"] = resources.mem_gb
+        if self.executor_kind == "slurm":
+            additional = dict(resources.additional)
+            if resources.gpus:
+                # GPU-hours are what an allocation is charged; asking per node keeps the accounting simple.
+                params["gpus_per_node"] = resources.gpus
+            params.update(
+                slurm_partition=resources.partition,
+                slurm_account=resources.account,
+                slurm_qos=resources.qos,
+                slurm_constraint=resources.constraint,
+                slurm_setup=list(resources.setup),
+                slurm_array_parallelism=resources.array_parallelism,
+                slurm_signal_delay_s=resources.signal_delay_s,
+                slurm_exclusive=resources.exclusive or None,
+                slurm_dependency=dependency,
+                slurm_additional_parameters=additional or None,
+            )
+        params = {k: v for k, v in params.items() if v is not None}
+        executor.update_parameters(**params)
+        return executor
+
+    @staticmethod
+    def dependency_for(after: list[Submission]) -> str | None:
+        ids = sorted({s.array_job_id for s in after if s.executor == "slurm"})
+        return "afterok:" + ":".join(ids) if ids else None
+
+    def sbatch_script(self, stage: str, tasks: list[Task], resources: Resources, after: list[Submission]) -> str:
+        """The sbatch script `submit` would write, for --dry-run. Submits nothing."""
+        executor = self._executor(stage, resources, self.dependency_for(after), create_folder=False)
+        if self.executor_kind != "slurm":
+            return f"# {self.executor_kind} executor: {len(tasks)} task(s) run as processes on this machine, no sbatch script\n"
+        inner = executor._executor  # submitit.SlurmExecutor: renders the script exactly as it would submit it
+        params = dict(inner.parameters)
+        if len(tasks) > 1:
+            params["map_count"] = len(tasks)
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        return _make_sbatch_string(command=inner._submitit_command_str, folder=inner.folder, **params)
+
+    def submit(self, stage: str, tasks: list[Task], resources: Resources, after: list[Submission],
+               checkpointable: bool) -> Submission:
+        if not tasks:
+            raise SchedulerError(f"stage {stage}: nothing to submit")
+        executor = self._executor(stage, resources, self.dependency_for(after))
+        call = _RequeueableStageCall() if checkpointable else run_task
+        run_dir = str(self.run.root)
+        if len(tasks) == 1:
+            jobs = [executor.submit(call, run_dir, tasks[0])]
+        else:
+            jobs = executor.map_array(call, [run_dir] * len(tasks), tasks)
+        self._live_jobs[stage] = jobs
+        submission = Submission(
+            stage=stage,
+            executor=self.executor_kind,
+            job_ids=[str(job.job_id) for job in jobs],
+            array_size=len(tasks),
+            submitted_at=time.time(),
+            log_folder=str(self.run.log_dir(stage)),
+            tasks=[t.label for t in tasks],
+            gpus_per_task=resources.gpus * resources.nodes,
+            depends_on=[s.array_job_id for s in after],
+        )
+        self.run.record_submission(submission)
+        return submission
+
+    def wait(self, submission: Submission) -> list[str]:
+        """Block until every task of a submission from this process ends; return the errors (empty: success)."""
+        jobs = self._live_jobs.get(submission.stage)
+        if jobs is None:
+            raise SchedulerError(f"stage {submission.stage} was not submitted by this process; use `status`")
+        errors = []
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as exc:  # submitit re-raises the task's exception with its traceback
+                errors.append(f"job {job.job_id}: {exc}".strip())
+        return errors
+
+    # ------------------------------------------------------------------------------------------ logs
+    def log_paths(self, submission: Submission, position: int = 0) -> tuple[Path, Path]:
+        job_id = submission.job_ids[position]
+        paths = submitit.core.utils.JobPaths(submission.log_folder, job_id=job_id, task_id=0)
+        return paths.stdout, paths.stderr
+
+    # ------------------------------------------------------------------------------------------ status
+    def query(self, submissions: list[Submission], stats: QueryStats | None = None) -> dict[str, TaskState]:
+        """States of every task of the given submissions, by job id ("123" or "123_4")."""
+        stats = stats if stats is not None else QueryStats()
+        started = time.time()
+        states: dict[str, TaskState] = {}
+        slurm = [s for s in submissions if s.executor == "slurm"]
+        if slurm:
+            states.update(self._query_slurm(slurm, stats))
+        for submission in submissions:
+            if submission.executor != "slurm":
+                for position, job_id in enumerate(submission.job_ids):
+                    states[job_id] = self._local_state(submission, position)
+        stats.seconds += time.time() - started
+        return states
+
+    def _run(self, command: list[str], stats: QueryStats) -> subprocess.CompletedProcess:
+        stats.commands.append(command)
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise SchedulerError(f"{command[0]} not found: is this a Slurm login node? (or use --executor local)") from None
+
+    def _query_slurm(self, submissions: list[Submission], stats: QueryStats) -> dict[str, TaskState]:
+        ids = sorted({s.array_job_id for s in submissions})
+        wanted = {job_id for s in submissions for job_id in s.job_ids}
+        states = {job_id: TaskState(job_id) for job_id in wanted}
+
+        # sacct first (history, GPU use, requeues); squeue second (fresher for what is still queued).
+        stats.sacct_calls += 1
+        fields = "JobID,State,ElapsedRaw,AllocTRES,ExitCode,Reason"
+        acct = self._run(["sacct", "-n", "-P", "-D", "-X", "-j", ",".join(ids), "-o", fields], stats)
+        if acct.returncode == 0:
+            for line in acct.stdout.splitlines():
+                parts = line.split("|")
+                if len(parts) < 6:
+                    continue
+                raw_id, state, elapsed, tres, exit_code, reason = parts[:6]
+                for job_id in _expand_array_ids(raw_id):
+                    if job_id not in states:
+                        continue
+                    entry = states[job_id]
+                    state_name = state.split()[0]
+                    seconds = int(elapsed or 0)
+                    entry.gpu_seconds += _gpus_in_tres(tres) * seconds
+                    # -D lists every attempt, oldest first: each earlier line is a requeue, the last is current.
+                    if entry.state != "UNKNOWN":
+                        entry.requeues += 1
+                    entry.state, entry.elapsed_s, entry.exit_code = state_name, seconds, exit_code
+                    entry.reason = "" if reason in ("None", "") else reason
+        # (sacct failing, e.g. accounting down, leaves UNKNOWN: squeue and the run directory still tell a lot.)
+
+        stats.squeue_calls += 1
+        queue = self._run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%M|%r"], stats)
+        if queue.returncode == 0:  # non-zero when every id has left the queue ("Invalid job id")
+            for line in queue.stdout.splitlines():
+                parts = line.split("|")
+                if len(parts) < 4 or parts[0] not in states:
+                    continue
+                entry = states[parts[0]]
+                entry.state = parts[1]
+                entry.elapsed_s = max(entry.elapsed_s, _clock_to_seconds(parts[2]))
+                entry.reason = "" if parts[3] in ("None", "") else parts[3]
+
+        for submission in submissions:
+            for position, job_id in enumerate(submission.job_ids):
+                entry = states[job_id]
+                if entry.state in FAILED_STATES or entry.state.startswith("CANCELLED"):
+                    entry.log_err = str(self.log_paths(submission, position)[1])
+        return states
+
+    def _local_state(self, submission: Submission, position: int) -> TaskState:
+        """Local and debug jobs have no accounting: read submitit's result file, else ask whether the pid lives."""
+        job_id = submission.job_ids[position]
+        entry = TaskState(job_id)
+        paths = submitit.core.utils.JobPaths(submission.log_folder, job_id=job_id, task_id=0)
+        if paths.result_pickle.exists():
+            try:
+                with open(paths.result_pickle, "rb") as f:  # written by our own job, inside the run directory
+                    outcome, _ = pickle.load(f)
+            except Exception:
+                outcome = "error"
+            entry.state = "COMPLETED" if outcome == "success" else "FAILED"
+        elif submission.executor == "local" and job_id.isdigit() and _pid_alive(int(job_id)):
+            entry.state = "RUNNING"
+        else:
+            entry.state = "UNKNOWN"
+        entry.elapsed_s = int(time.time() - submission.submitted_at) if entry.state == "RUNNING" else 0
+        if entry.state == "FAILED":
+            entry.log_err = str(paths.stderr)
+        return entry
+
+    # ------------------------------------------------------------------------------------------ cancel
+    def cancel(self, submissions: list[Submission]) -> list[str]:
+        cancelled = []
+        slurm_ids = sorted({s.array_job_id for s in submissions if s.executor == "slurm"})
+        if slurm_ids:
+            result = subprocess.run(["scancel", *slurm_ids], capture_output=True, text=True, timeout=60)
+            if result.returncode != 0 and "Invalid job id" not in result.stderr:
+                raise SchedulerError(f"scancel failed: {result.stderr.strip()}")
+            cancelled.extend(slurm_ids)
+        for submission in submissions:
+            if submission.executor == "local":
+                for job_id in submission.job_ids:
+                    if job_id.isdigit() and _pid_alive(int(job_id)):
+                        os.kill(int(job_id), 15)
+                        cancelled.append(job_id)
+        return cancelled
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

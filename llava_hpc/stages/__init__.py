@@ -1,0 +1,89 @@
+"""The stages of the pipeline and the order they run in.
+
+Each stage is a module with:
+    plan(ctx) -> list[Task]     the tasks still to run (one job, or an array when there are several)
+    run(ctx, task) -> dict      do one task; read inputs from and write outputs to the run directory
+    is_done(ctx) -> bool        whether its `_SUCCESS` marker(s) exist
+    progress(ctx) -> str | None optional: a short progress note for `status` (e.g. "37/40 shards")
+Stages never import one another: they meet in the run directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from llava_hpc.config import Pipeline
+from llava_hpc.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str
+    after: tuple[str, ...]
+    description: str
+    module: str | None  # None: not built in this version
+    checkpointable: bool = True
+
+
+STAGES: dict[str, StageInfo] = {
+    info.name: info
+    for info in (
+        StageInfo("features", (), "frozen CLIP features -> Parquet shards", "llava_hpc.stages.features"),
+        StageInfo("stage1", ("features",), "train the projector (LLM frozen)", None),
+        StageInfo("stage2", ("stage1",), "fine-tune projector + LLM with DeepSpeed ZeRO", None),
+        StageInfo("generate", ("stage2",), "batched answers for every bench", None),
+        StageInfo("judge", ("generate",), "GPT-4 (or any OpenAI-compatible) judge", None),
+        StageInfo("report", ("judge",), "tables and plots per bench", None),
+    )
+}
+ORDER = list(STAGES)
+
+
+class StageNotBuiltError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of a stage's work: one job, or one task of a job array. Small and picklable on purpose:
+    it is what submitit writes to disk, so it holds names and numbers, never data or secrets."""
+
+    stage: str
+    index: int
+    label: str
+    payload: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    pipeline: Pipeline
+    run: RunDir
+
+
+def built_stages() -> list[str]:
+    return [name for name in ORDER if STAGES[name].module is not None]
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise StageNotBuiltError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+    info = STAGES[name]
+    if info.module is None:
+        raise StageNotBuiltError(
+            f"stage {name!r} ({info.description}) is not built in this version of llava-hpc; "
+            f"built stages: {', '.join(built_stages())}"
+        )
+    return importlib.import_module(info.module)
+
+
+def upstream(name: str, wanted: list[str]) -> list[str]:
+    """The stages in `wanted` that `name` depends on, directly or through stages not in `wanted`."""
+    found: list[str] = []
+    for parent in STAGES[name].after:
+        if parent in wanted:
+            found.append(parent)
+        else:
+            found.extend(upstream(parent, wanted))
+    return found
