@@ -42,13 +42,13 @@ def measure(name: str, tower: VisionTower, images: list[Image.Image], batch: int
     ids = [str(i) for i in range(len(images))]
     sizes = {}
     for compression in ("zstd", "none"):
-        directory = tmp / f"{name}-{compression}"
+        directory = tmp / f"{name.replace('/', '_')}-{compression}"
         directory.mkdir()
         sizes[compression] = write_shard(directory, 0, ids, ids, features, [], compression)["bytes"] / len(images)
     # Read throughput on a bigger shard (the same rows repeated) so the number is not just open() overhead.
     repeat = max(1, (64 << 20) // features.nbytes)
     big = np.concatenate([features] * repeat)
-    directory = tmp / f"{name}-read"
+    directory = tmp / f"{name.replace('/', '_')}-read"
     directory.mkdir()
     write_shard(directory, 0, [str(i) for i in range(len(big))], ["x"] * len(big), big, [], "zstd")
     started = time.time()

@@ -14,6 +14,7 @@ from llava_hpc.config import load_pipeline
 from llava_hpc.data.features_io import read_shard, shard_paths, verify_shard
 from llava_hpc.orchestrate import Orchestrator
 from llava_hpc.rundir import RunDir, read_jsonl
+from llava_hpc.scheduler import QueryStats
 from llava_hpc.stages import StageContext
 from llava_hpc.stages import features as features_stage
 
@@ -97,6 +98,10 @@ def test_submit_features_array_in_spgpu_and_status_until_done(tmp_path):
     assert "pretrain: 8/8 shards" in final["progress"] and "instruct: 6/6 shards" in final["progress"]
     job = final["job_ids"][0].split("_")[0]
     assert sacct_field(job, "Partition") == {"spgpu"}
+    stats = QueryStats()
+    pipeline = load_pipeline(tmp_path / "pipeline.toml")
+    Orchestrator(pipeline, RunDir(pipeline.run_dir)).status(stats)
+    assert (stats.squeue_calls, stats.sacct_calls) == (1, 1), stats.commands  # 8 tasks, one call each
     table = cli("status", cwd=tmp_path).stdout  # the plain table, as written in the docs
     assert "features" in table and "done" in table and "8/8" in table
     again = cli("submit", "features", cwd=tmp_path).stdout

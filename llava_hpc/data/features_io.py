@@ -66,7 +66,10 @@ def write_shard(
     table = features_table(ids, images, features)
     target = directory / f"{name}.parquet"
     with atomic_path(target) as tmp:
-        pq.write_table(table, tmp, compression=None if compression == "none" else compression)
+        # Features are near-incompressible floats: a dictionary only slows reading (measured: 2.5x), and
+        # byte-stream-split lets zstd find the exponent bytes' redundancy while reading faster still.
+        pq.write_table(table, tmp, compression=None if compression == "none" else compression,
+                       use_dictionary=["id", "image"], column_encoding={"features": "BYTE_STREAM_SPLIT"})
         meta = {
             "shard": index,
             "rows": len(ids),

@@ -1,0 +1,97 @@
+"""Status parsing against recorded squeue/sacct output: accounting lag, requeues, arrays, GPU-hours."""
+
+import subprocess
+import time
+
+import pytest
+
+from llava_hpc.orchestrate import summarize
+from llava_hpc.rundir import RunDir, Submission
+from llava_hpc.scheduler import QueryStats, Scheduler, _clock_to_seconds, _expand_array_ids, _gpus_in_tres
+
+
+def fake_slurm(monkeypatch, scheduler, sacct: str, squeue: str | None):
+    def run(command, stats):
+        stats.commands.append(command)
+        if command[0] == "sacct":
+            return subprocess.CompletedProcess(command, 0, sacct, "")
+        if squeue is None:  # every id left the queue
+            return subprocess.CompletedProcess(command, 1, "", "slurm_load_jobs error: Invalid job id specified")
+        return subprocess.CompletedProcess(command, 0, squeue, "")
+
+    monkeypatch.setattr(scheduler, "_run", run)
+
+
+def submission(ids, tmp_path):
+    return Submission("features", "slurm", ids, len(ids), time.time(), str(tmp_path / "logs"))
+
+
+def test_accounting_lag_falls_back_to_squeue(monkeypatch, tmp_path):
+    scheduler = Scheduler(RunDir(tmp_path), "slurm")
+    fake_slurm(monkeypatch, scheduler, sacct="", squeue="41_0|RUNNING|0:07|None\n41_1|PENDING|0:00|Resources\n")
+    stats = QueryStats()
+    states = scheduler.query([submission(["41_0", "41_1"], tmp_path)], stats)
+    assert states["41_0"].state == "RUNNING" and states["41_0"].elapsed_s == 7
+    assert states["41_1"].state == "PENDING" and states["41_1"].reason == "Resources"
+    assert (stats.squeue_calls, stats.sacct_calls) == (1, 1)
+
+
+def test_finished_jobs_come_from_sacct_when_squeue_forgot_them(monkeypatch, tmp_path):
+    scheduler = Scheduler(RunDir(tmp_path), "slurm")
+    sacct = "41_0|COMPLETED|30|billing=2,cpu=2,gres/gpu=2,mem=1G,node=1|0:0|None\n" \
+            "41_1|FAILED|12|billing=2,cpu=2,gres/gpu=2,mem=1G,node=1|1:0|NonZeroExitCode\n"
+    fake_slurm(monkeypatch, scheduler, sacct=sacct, squeue=None)
+    sub = submission(["41_0", "41_1"], tmp_path)
+    states = scheduler.query([sub])
+    assert states["41_0"].state == "COMPLETED" and states["41_0"].gpu_seconds == 60
+    assert states["41_1"].state == "FAILED" and states["41_1"].log_err.endswith("41_1_0_log.err")
+    row = summarize("features", sub, states, done=False)
+    assert row.state == "failed" and row.tasks_done == 1 and row.gpu_hours == pytest.approx(84 / 3600)
+    assert row.reason.startswith("41_1: FAILED exit 1:0") and row.log.endswith("41_1_0_log.err")
+
+
+def test_requeued_attempts_are_counted_and_shown(monkeypatch, tmp_path):
+    scheduler = Scheduler(RunDir(tmp_path), "slurm")
+    sacct = "50|PREEMPTED|20|gres/gpu=1|0:15|None\n50|REQUEUED|5|gres/gpu=1|0:0|None\n50|PENDING|0||0:0|BeginTime\n"
+    fake_slurm(monkeypatch, scheduler, sacct=sacct, squeue="50|PENDING|0:00|BeginTime\n")
+    sub = submission(["50"], tmp_path)
+    states = scheduler.query([sub])
+    assert states["50"].requeues == 2 and states["50"].gpu_seconds == 25
+    assert summarize("features", sub, states, done=False).state == "requeued"
+
+
+def test_pending_array_ranges_are_expanded(monkeypatch, tmp_path):
+    scheduler = Scheduler(RunDir(tmp_path), "slurm")
+    fake_slurm(monkeypatch, scheduler, sacct="7_[1-3,5%2]|PENDING|0||0:0|JobArrayTaskLimit\n7_0|RUNNING|3||0:0|None\n",
+               squeue=None)
+    ids = [f"7_{i}" for i in range(6)]
+    states = scheduler.query([submission(ids, tmp_path)])
+    assert [states[i].state for i in ids] == ["RUNNING", "PENDING", "PENDING", "PENDING", "UNKNOWN", "PENDING"]
+
+
+def test_completed_without_marker_is_a_failure_that_says_why(tmp_path):
+    from llava_hpc.scheduler import TaskState
+
+    sub = submission(["9"], tmp_path)
+    row = summarize("features", sub, {"9": TaskState("9", "COMPLETED")}, done=False)
+    assert row.state == "failed" and "_SUCCESS marker is missing" in row.reason
+    assert summarize("features", sub, {"9": TaskState("9", "COMPLETED")}, done=True).state == "done"
+
+
+@pytest.mark.parametrize("text, seconds", [("0:07", 7), ("1:02:03", 3723), ("2-01:00:00", 176400), ("45", 45)])
+def test_squeue_clock(text, seconds):
+    assert _clock_to_seconds(text) == seconds
+
+
+def test_gpu_tres_and_array_ids():
+    assert _gpus_in_tres("cpu=8,gres/gpu:a100=4,mem=60G") == 4
+    assert _gpus_in_tres("cpu=8,mem=60G") == 0
+    assert _expand_array_ids("12_[0-2]") == ["12_0", "12_1", "12_2"]
+    assert _expand_array_ids("12_4") == ["12_4"]
+
+
+def test_unknown_executor_is_refused(tmp_path):
+    from llava_hpc.scheduler import SchedulerError
+
+    with pytest.raises(SchedulerError, match="unknown executor 'pbs'"):
+        Scheduler(RunDir(tmp_path), "pbs")
