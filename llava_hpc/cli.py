@@ -305,6 +305,51 @@ def validate(
     console.print(resolved.to_toml(), markup=False, highlight=False)
 
 
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Option("--out", help="directory to write (replaced if it exists)")],
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    stage: Annotated[Optional[str], typer.Option(help="stage1 or stage2 (default: the latest done)")] = None,
+):
+    """Write a trained model in transformers' Llava format: loads with LlavaForConditionalGeneration and
+    AutoProcessor, no llava-hpc needed. After stage 1 alone: the base LLM with the trained projector."""
+    from llava_hpc.model.export import export_llava
+    from llava_hpc.stages import StageContext
+    from llava_hpc.stages.common import load_trained_model
+
+    pipeline_obj, run = _load(pipeline, run_dir)
+    ctx = StageContext(pipeline_obj, run)
+    if stage is None:
+        stage = "stage2" if run.is_done(run.stage_dir("stage2")) else "stage1"
+    if stage not in ("stage1", "stage2"):
+        _fail(f"--stage must be stage1 or stage2, got {stage!r}")
+    try:
+        model, template, model_id = load_trained_model(ctx, stage)
+    except (FileNotFoundError, OSError) as exc:
+        _fail(str(exc))
+    export_llava(model, template.tokenizer, model.vision_tower.image_processor, out, template.name)
+    console.print(f"exported {model_id} to {out}")
+
+
+@app.command()
+def chat(
+    question: Annotated[str, typer.Argument(help="the question about the image")],
+    model: Annotated[Path, typer.Option("--model", help="an exported model directory (e.g. RUN/stage2/model)")],
+    image: Annotated[Path, typer.Option("--image", help="the image file")],
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 512,
+):
+    """Ask a trained model one question about one image (greedy by default)."""
+    from llava_hpc.model.export import chat as chat_with
+
+    try:
+        answer = chat_with(model, image, question, temperature=temperature, max_new_tokens=max_new_tokens)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    print(answer)
+
+
 def main() -> None:
     app()
 

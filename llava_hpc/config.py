@@ -238,6 +238,8 @@ class SyntheticConfig(Strict):
     n_instruct: int = Field(3000, ge=1)
     n_bench: int = Field(200, ge=1)
     bench_categories: list[str] = Field(default_factory=lambda: ["colour", "position"])
+    instruct_categories: list[str] = Field(default_factory=lambda: ["colour", "position", "shape", "background"])
+    max_count: int = Field(1, ge=1, le=3, description="> 1 draws several copies and allows the 'count' category")
     shuffle_images: bool = Field(False, description="control: pair conversations with other samples' images")
 
 
@@ -294,6 +296,9 @@ class TrainStage(Strict):
 
 class GenerateStage(Strict):
     benches: list[str] | None = Field(None, description="default: every bench")
+    model: Literal["stage2", "stage1"] = Field(
+        "stage2", description="answer with the stage-2 model, or with the stage-1 projector on the base LLM"
+    )
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0)

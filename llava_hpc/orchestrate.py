@@ -199,6 +199,12 @@ class Orchestrator:
         if stage in active and not force:
             ids = ",".join(active[stage].job_ids[:3]) + ("..." if len(active[stage].job_ids) > 3 else "")
             return StageOutcome(stage, "skipped-active", f"already queued or running (job {ids}); --force to resubmit")
+        waiting_on = [parent for parent in STAGES[stage].after
+                      if STAGES[parent].module is not None and not self._is_done(parent)
+                      and parent not in active and parent not in stages]
+        if waiting_on and not dry_run:
+            return StageOutcome(stage, "failed", f"needs {', '.join(waiting_on)}, which is neither done nor queued: "
+                                                 f"submit {waiting_on[0]} first (or `submit all`)")
         if force and not dry_run:
             self._clear_done(stage)
         tasks = module.plan(self.ctx)

@@ -196,7 +196,7 @@ class Scheduler:
             log_folder=str(self.run.log_dir(stage)),
             tasks=[t.label for t in tasks],
             gpus_per_task=resources.gpus * resources.nodes,
-            depends_on=[s.array_job_id for s in after],
+            depends_on=[s.array_job_id for s in after if s.executor == "slurm"],
         )
         self.run.record_submission(submission)
         return submission

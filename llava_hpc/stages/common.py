@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from llava_hpc.config import Dataset, Pipeline
+from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec
 from llava_hpc.model.vision import TinyVisionSpec, VisionTowerSpec
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
 
@@ -27,6 +28,21 @@ def vision_spec(pipeline: Pipeline) -> VisionTowerSpec:
     )
 
 
+def llava_spec(pipeline: Pipeline) -> LlavaSpec:
+    model = pipeline.model
+    tiny = model.tiny_llm
+    # The tiny LLM's word-level tokenizer knows the synthetic world's words: the demo's whole language.
+    vocabulary = tuple(synthetic_world(pipeline).vocabulary()) if model.llm == "tiny" else ()
+    return LlavaSpec(
+        vision=vision_spec(pipeline),
+        llm=LLMSpec(name=model.llm, tiny=TinyLLMSpec(vocabulary=vocabulary, hidden_size=tiny.hidden_size,
+                                                    intermediate_size=tiny.intermediate_size, layers=tiny.layers,
+                                                    heads=tiny.heads, seed=tiny.seed)),
+        projector=model.projector,
+        max_length=model.max_length,
+    )
+
+
 def synthetic_world(pipeline: Pipeline) -> SyntheticWorld:
     s = pipeline.synthetic
     return SyntheticWorld(
@@ -37,6 +53,8 @@ def synthetic_world(pipeline: Pipeline) -> SyntheticWorld:
             n_instruct=s.n_instruct,
             n_bench=s.n_bench,
             bench_categories=tuple(s.bench_categories),
+            instruct_categories=tuple(s.instruct_categories),
+            max_count=s.max_count,
             shuffle_images=s.shuffle_images,
         )
     )
@@ -123,3 +141,39 @@ class ImageLoader:
                 return image.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise BadRecord(f"corrupt image {path}: {exc}") from None
+
+
+def stage1_projector_path(run) -> Path:
+    return run.stage_dir("stage1") / "projector.safetensors"
+
+
+def stage2_model_dir(run) -> Path:
+    return run.stage_dir("stage2") / "model"
+
+
+def load_trained_model(ctx, which: str, device: torch.device | str = "cpu"):
+    """(model with vision tower, template, model_id) of a trained stage in the run directory.
+
+    stage2: the exported transformers-format model. stage1: the base LLM with the stage-1 projector (what
+    `llava-hpc export` writes after stage 1 alone)."""
+    from llava_hpc.data.templates import ConversationTemplate
+    from llava_hpc.model.builders import build_llava
+    from llava_hpc.model.export import load_exported
+    from llava_hpc.model.llava import load_projector
+
+    run, pipeline = ctx.run, ctx.pipeline
+    if which == "stage2":
+        directory = stage2_model_dir(run)
+        if not run.is_done(run.stage_dir("stage2")):
+            raise FileNotFoundError(f"{directory}: stage2 is not done in {run.root}; submit stage2 first")
+        model, _, _, template = load_exported(directory, device)
+        return model, template, f"{pipeline.name}/stage2"
+    if which == "stage1":
+        path = stage1_projector_path(run)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: stage1 is not done in {run.root}; submit stage1 first")
+        model, tokenizer = build_llava(llava_spec(pipeline), device=device, with_vision_tower=True)
+        model.multi_modal_projector = load_projector(path).to(device=device, dtype=torch.float32)
+        model.eval()
+        return model, ConversationTemplate(pipeline.model.template, tokenizer), f"{pipeline.name}/stage1"
+    raise ValueError(f"unknown trained stage {which!r}: stage1 or stage2")

@@ -1,0 +1,254 @@
+"""Torch datasets and collators.
+
+- `FeatureConversationDataset`: conversations joined by id to precomputed CLIP features (Parquet shards);
+  what both training stages read.
+- `ImageConversationDataset`: the same conversations with raw images through the vision tower's
+  preprocessing (training from pixels, and the features-vs-pixels benchmark).
+- `PromptDataset`: bench questions as generation prompts, with their images.
+- `Collator`: right padding for training, LEFT padding for generation; `LengthGroupedSampler` batches
+  samples of similar length together.
+Records are encoded up front (`templates.encode_records`): a bad record fails at start-up, not hours in,
+and the samples dropped by the over-long policy are counted in `.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from llava_hpc.data.features_io import FeatureStore
+from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate, encode_records
+
+ImageLoader = Callable[[str], Image.Image]
+Preprocess = Callable[[list[Image.Image]], torch.Tensor]
+
+
+def file_image_loader(root: str | os.PathLike) -> ImageLoader:
+    """Images from files under `root`, by the relative path the record names."""
+    root = Path(root)
+
+    def load(relative_path: str) -> Image.Image:
+        path = root / relative_path
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    return load
+
+
+class FeatureConversationDataset(Dataset):
+    def __init__(
+        self,
+        records: list[dict],
+        store: FeatureStore,
+        template: ConversationTemplate,
+        max_length: int,
+        overlong: str = "truncate",
+        source: str | None = None,
+    ):
+        self.store = store
+        self.image_tokens = store.num_patches
+        encoded, self.stats = encode_records(records, template, self.image_tokens, max_length, overlong, source)
+        # A sample whose image the features stage could not read (listed in its shard sidecars) has no row:
+        # it is dropped and counted; a store that matches nothing is the wrong store.
+        self.samples = [e for e in encoded if not e.num_images or e.id in store]
+        self.stats.skipped_missing_features = len(encoded) - len(self.samples)
+        if encoded and not self.samples:
+            raise KeyError(
+                f"{store.directory}: none of the {len(encoded)} samples (e.g. {encoded[0].id!r}) has features"
+            )
+        self.lengths = [e.length(self.image_tokens) for e in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item = _token_item(sample)
+        if sample.num_images:
+            # A copy: the store's arrays are read-only views of the Arrow buffers.
+            item["image_features"] = torch.tensor(self.store.get(sample.id)).unsqueeze(0)
+        return item
+
+
+class ImageConversationDataset(Dataset):
+    def __init__(
+        self,
+        records: list[dict],
+        template: ConversationTemplate,
+        preprocess: Preprocess,
+        load_image: ImageLoader,
+        image_tokens: int,
+        max_length: int,
+        overlong: str = "truncate",
+        source: str | None = None,
+    ):
+        self.preprocess, self.load_image, self.image_tokens = preprocess, load_image, image_tokens
+        self.samples, self.stats = encode_records(records, template, image_tokens, max_length, overlong, source)
+        self.images = {str(r["id"]): r["image"] for r in records if r.get("image") is not None}
+        self.lengths = [e.length(image_tokens) for e in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item = _token_item(sample)
+        if sample.num_images:
+            item["pixel_values"] = _load(
+                self.load_image, self.preprocess, self.images[sample.id], f"record {sample.id!r}"
+            )
+        return item
+
+
+class PromptDataset(Dataset):
+    """Generation prompts: `{"question_id", "image", "text"}` items (the LLaVA-Bench question format)."""
+
+    def __init__(
+        self, questions: list[dict], template: ConversationTemplate, preprocess: Preprocess, load_image: ImageLoader
+    ):
+        self.questions, self.template = questions, template
+        self.preprocess, self.load_image = preprocess, load_image
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> dict:
+        question = self.questions[index]
+        has_image = question.get("image") is not None
+        item = {
+            "id": question["question_id"],
+            "input_ids": torch.tensor(self.template.prompt_ids(question["text"], image=has_image)),
+        }
+        if has_image:
+            item["pixel_values"] = _load(
+                self.load_image, self.preprocess, question["image"], f"question {question['question_id']!r}"
+            )
+        return item
+
+
+def _token_item(sample) -> dict:
+    return {"id": sample.id, "input_ids": torch.tensor(sample.input_ids), "labels": torch.tensor(sample.labels)}
+
+
+def _load(load_image: ImageLoader, preprocess: Preprocess, relative_path: str, owner: str) -> torch.Tensor:
+    try:
+        image = load_image(relative_path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{owner}: {exc}") from None
+    return preprocess([image])
+
+
+@dataclass
+class Batch:
+    ids: list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for `LlavaForCausalLM.forward` / `.generate` (everything but the ids)."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "ids" and getattr(self, f.name) is not None
+        }
+
+    def to(self, device: str | torch.device) -> Batch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return Batch(**moved)
+
+
+class Collator:
+    """Pads to the longest sample: `right` for training, `left` for generation (rows then end together).
+
+    Image tensors of the batch are concatenated in sample order, matching the placeholders' order."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+
+    def __call__(self, items: list[dict]) -> Batch:
+        length = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        has_labels = "labels" in items[0]
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            span = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, span] = item["input_ids"]
+            attention_mask[row, span] = 1
+            if has_labels:
+                labels[row, span] = item["labels"]
+
+        def images(key: str) -> torch.Tensor | None:
+            tensors = [item[key] for item in items if key in item]
+            return torch.cat(tensors) if tensors else None
+
+        return Batch(
+            ids=[item["id"] for item in items],
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            pixel_values=images("pixel_values"),
+            image_features=images("image_features"),
+        )
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices where each run of `batch_size` holds samples of similar length (less padding).
+
+    As transformers' length-grouped sampler: shuffle, cut into megabatches of `megabatch_mult * batch_size`,
+    sort each by length (longest first). With `num_replicas` > 1 each rank takes every num_replicas-th batch
+    of the global order (padded by repetition so every rank gets the same number of samples)."""
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        megabatch_mult: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.megabatch_size = megabatch_mult * batch_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.num_samples = math.ceil(len(lengths) / (batch_size * num_replicas)) * batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.lengths:
+            return iter([])
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        grouped = []
+        for start in range(0, len(order), self.megabatch_size):
+            megabatch = order[start : start + self.megabatch_size]
+            grouped += sorted(megabatch, key=lambda i: self.lengths[i], reverse=True)
+        total = self.num_samples * self.num_replicas
+        while len(grouped) < total:  # repeat a few samples so every rank gets full batches
+            grouped += grouped[: total - len(grouped)]
+        batches = [grouped[i : i + self.batch_size] for i in range(0, total, self.batch_size)]
+        return iter([index for batch in batches[self.rank :: self.num_replicas] for index in batch])

@@ -1,0 +1,256 @@
+"""The LLaVA model: a frozen vision tower, a projector, and a causal language model.
+
+Names follow the paper and transformers' modeling_llava: `vision_tower`, `multi_modal_projector`,
+`language_model`. Each image has ONE placeholder id in `input_ids`; at embedding time the placeholder is
+replaced by the image's N projected patch embeddings (labels -100 there), then the sequences are re-padded
+(right for training, left for generation) and truncated to `max_length`.
+
+Images come either as `pixel_values` (through the vision tower) or as precomputed `image_features`
+([num_images, N, vision_hidden], e.g. fp16 from the Parquet shards): CLIP is frozen in both stages, so the
+training jobs need no tower at all (`vision_tower=None`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+IGNORE_INDEX = -100
+PROJECTORS = ("linear", "mlp2x_gelu")
+
+
+class LlavaMultiModalProjector(nn.Module):
+    """`linear`: one Linear (LLaVA v1, the seed study). `mlp2x_gelu`: Linear, GELU, Linear (LLaVA v1.5)."""
+
+    def __init__(self, projector_type: str, vision_hidden_size: int, text_hidden_size: int):
+        super().__init__()
+        if projector_type not in PROJECTORS:
+            raise ValueError(f"unknown projector {projector_type!r}; known: {PROJECTORS}")
+        self.projector_type = projector_type
+        self.linear_1 = nn.Linear(vision_hidden_size, text_hidden_size)
+        if projector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(image_features)
+        if self.projector_type == "mlp2x_gelu":
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+def save_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike) -> None:
+    """safetensors with the projector type and sizes in its metadata, written atomically (stage 1's output)."""
+    path = Path(path)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in projector.state_dict().items()}
+    metadata = {
+        "projector_type": projector.projector_type,
+        "vision_hidden_size": str(projector.linear_1.in_features),
+        "text_hidden_size": str(projector.linear_1.out_features),
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, temporary, metadata=metadata)
+    os.replace(temporary, path)
+
+
+def load_projector(path: str | os.PathLike) -> LlavaMultiModalProjector:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if "projector_type" not in metadata:
+            raise ValueError(f"{path}: not a projector file (no projector_type in its safetensors metadata)")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    projector = LlavaMultiModalProjector(
+        metadata["projector_type"], int(metadata["vision_hidden_size"]), int(metadata["text_hidden_size"])
+    )
+    projector.load_state_dict(tensors)
+    return projector.to(tensors["linear_1.weight"].dtype)
+
+
+class LlavaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        vision_tower: nn.Module | None,
+        multi_modal_projector: LlavaMultiModalProjector,
+        language_model: nn.Module,
+        image_token_id: int,
+        pad_token_id: int,
+        num_patches: int,
+        max_length: int = 2048,
+    ):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.multi_modal_projector = multi_modal_projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        self.pad_token_id = pad_token_id
+        self.num_patches = num_patches
+        self.max_length = max_length
+
+    # ----- images -----
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected patch embeddings [num_images, N, text_hidden] from pixels or from precomputed features."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values and image_features")
+        if image_features is None:
+            if self.vision_tower is None:
+                raise ValueError(
+                    "this model has no vision tower (built for training from features): pass image_features"
+                )
+            image_features = self.vision_tower(pixel_values)
+        weight = self.multi_modal_projector.linear_1.weight
+        return self.multi_modal_projector(image_features.to(device=weight.device, dtype=weight.dtype))
+
+    def merge_image_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        padding_side: str,
+        truncate: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace each placeholder by its image's N embeddings; re-pad to the longest sequence on `padding_side`."""
+        text_embeds = self.language_model.get_input_embeddings()(input_ids)
+        num_images = 0 if image_embeds is None else image_embeds.shape[0]
+        sequences, targets, used = [], [], 0
+        for row in range(input_ids.shape[0]):
+            keep = attention_mask[row].bool()
+            ids, embeds = input_ids[row][keep], text_embeds[row][keep]
+            row_labels = labels[row][keep] if labels is not None else None
+            pieces, label_pieces, start = [], [], 0
+            for position in (ids == self.image_token_id).nonzero().flatten().tolist():
+                if used >= num_images:
+                    raise ValueError(f"input_ids hold more image placeholders than the {num_images} images given")
+                pieces += [embeds[start:position], image_embeds[used].to(embeds.dtype)]
+                if row_labels is not None:
+                    label_pieces += [
+                        row_labels[start:position],
+                        row_labels.new_full((image_embeds.shape[1],), IGNORE_INDEX),
+                    ]
+                used, start = used + 1, position + 1
+            pieces.append(embeds[start:])
+            sequence = torch.cat(pieces)
+            target = torch.cat(label_pieces + [row_labels[start:]]) if row_labels is not None else None
+            if truncate:
+                sequence = sequence[: self.max_length]
+                target = target[: self.max_length] if target is not None else None
+            sequences.append(sequence)
+            targets.append(target)
+        if used != num_images:
+            raise ValueError(f"{num_images} images given but input_ids hold {used} image placeholders")
+
+        length = max(len(sequence) for sequence in sequences)
+
+        def pad(tensor: torch.Tensor, value) -> torch.Tensor:
+            missing = length - tensor.shape[0]
+            before, after = (missing, 0) if padding_side == "left" else (0, missing)
+            return F.pad(tensor, (0, 0, before, after) if tensor.dim() == 2 else (before, after), value=value)
+
+        inputs_embeds = torch.stack([pad(sequence, 0.0) for sequence in sequences])
+        mask = torch.stack([pad(torch.ones(len(s), dtype=attention_mask.dtype, device=s.device), 0) for s in sequences])
+        new_labels = torch.stack([pad(target, IGNORE_INDEX) for target in targets]) if labels is not None else None
+        return inputs_embeds, mask, new_labels
+
+    # ----- training and scoring -----
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **language_model_kwargs,
+    ):
+        """The language model's output (loss when `labels` are given, logits over the expanded sequence)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if pixel_values is None and image_features is None:
+            # A text-only batch still runs the projector, on zero images, and keeps it in the graph: under
+            # ZeRO-3 (and DDP) a rank that skips a module's forward or backward hangs the other ranks.
+            vision_hidden = self.multi_modal_projector.linear_1.in_features
+            image_features = torch.zeros(0, self.num_patches, vision_hidden, device=input_ids.device)
+        image_embeds = self.get_image_features(pixel_values, image_features)
+        inputs_embeds, attention_mask, labels = self.merge_image_embeddings(
+            input_ids, attention_mask, labels, image_embeds, padding_side="right", truncate=True
+        )
+        if image_embeds.shape[0] == 0:
+            inputs_embeds = inputs_embeds + image_embeds.sum()  # exactly 0, with the projector in the graph
+        # Positions count real tokens only, so a left-padded batch scores like its unpadded rows.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            **language_model_kwargs,
+        )
+
+    # ----- generation -----
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+    ) -> torch.Tensor:
+        """New tokens only, [batch, <= max_new_tokens], pad-filled after each row stops. Greedy at temperature 0.
+
+        The spliced prompts are left-padded, so transformers' generate (KV cache, positions from the mask)
+        continues every row from its last real token."""
+        from transformers import GenerationConfig
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_embeds = None
+        if pixel_values is not None or image_features is not None:
+            image_embeds = self.get_image_features(pixel_values, image_features)
+        inputs_embeds, attention_mask, _ = self.merge_image_embeddings(
+            input_ids, attention_mask, None, image_embeds, padding_side="left", truncate=False
+        )
+        sampling = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=None,
+            eos_token_id=stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
+        )
+
+    # ----- what trains -----
+
+    def freeze_language_model(self, frozen: bool = True) -> None:
+        """Stage 1 trains the projector only; stage 2 trains projector and LLM. The vision tower never trains."""
+        self.language_model.requires_grad_(not frozen)
+        self.multi_modal_projector.requires_grad_(True)
+
+    def gradient_checkpointing_enable(self) -> None:
+        # Non-reentrant checkpointing: with frozen embeddings (stage 1) the blocks' inputs need not require
+        # grad, which reentrant checkpointing insists on ("element 0 of tensors does not require grad").
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(self.language_model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
