@@ -221,14 +221,14 @@ class Orchestrator:
         return StageOutcome(stage, "submitted", f"{kind} {submission.array_job_id}{deps}", submission)
 
     def _clear_done(self, stage: str) -> None:
-        """--force: remove the stage's completion markers so it runs again (its outputs are overwritten)."""
+        """--force: remove the stage's completion markers (and whatever its `reset` says) so it runs again."""
         stage_dir = self.run.stage_dir(stage)
         if stage_dir.exists():
             for marker in stage_dir.rglob("_SUCCESS"):
                 marker.unlink()
-        if stage == "features":  # forcing features means recomputing the shards, not just re-marking them
-            for path in stage_dir.rglob("part-*.parquet"):
-                path.unlink()
+        reset = getattr(stage_module(stage), "reset", None)
+        if reset is not None:
+            reset(self.ctx)
 
     # ------------------------------------------------------------------------------------------ wait / cancel
     def wait_until_finished(self, stages: list[str], poll_s: float = 3.0, timeout_s: float | None = None,

@@ -5,6 +5,7 @@ Each stage is a module with:
     run(ctx, task) -> dict      do one task; read inputs from and write outputs to the run directory
     is_done(ctx) -> bool        whether its `_SUCCESS` marker(s) exist
     progress(ctx) -> str | None optional: a short progress note for `status` (e.g. "37/40 shards")
+    reset(ctx)                  optional: what `--force` removes besides the `_SUCCESS` markers
 Stages never import one another: they meet in the run directory.
 """
 
@@ -31,11 +32,12 @@ STAGES: dict[str, StageInfo] = {
     info.name: info
     for info in (
         StageInfo("features", (), "frozen CLIP features -> Parquet shards", "llava_hpc.stages.features"),
-        StageInfo("stage1", ("features",), "train the projector (LLM frozen)", None),
-        StageInfo("stage2", ("stage1",), "fine-tune projector + LLM with DeepSpeed ZeRO", None),
-        StageInfo("generate", ("stage2",), "batched answers for every bench", None),
+        StageInfo("stage1", ("features",), "train the projector (LLM frozen)", "llava_hpc.stages.stage1"),
+        StageInfo("stage2", ("features", "stage1"), "fine-tune projector + LLM with DeepSpeed ZeRO",
+                  "llava_hpc.stages.stage2"),
+        StageInfo("generate", ("stage2",), "batched answers for every bench", "llava_hpc.stages.generate"),
         StageInfo("judge", ("generate",), "GPT-4 (or any OpenAI-compatible) judge", None),
-        StageInfo("report", ("judge",), "tables and plots per bench", None),
+        StageInfo("report", ("generate", "judge"), "scores, tables and plots per bench", "llava_hpc.stages.report"),
     )
 }
 ORDER = list(STAGES)

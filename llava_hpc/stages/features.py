@@ -52,6 +52,13 @@ def is_done(ctx: StageContext) -> bool:
     return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.feature_datasets())
 
 
+def reset(ctx: StageContext) -> None:
+    """--force: recompute the shards, not just re-mark them done."""
+    for dataset in ctx.pipeline.feature_datasets():
+        for path in output_dir(ctx, dataset).glob("part-*"):
+            path.unlink()
+
+
 def _image_records(ctx: StageContext, dataset: str) -> tuple[list[ImageRecord | BadRecord], int]:
     """All records that carry an image, in file order (malformed ones as BadRecord), and the text-only count."""
     records = load_records(dataset, ctx.pipeline.datasets[dataset], ctx.pipeline)

@@ -1,0 +1,46 @@
+"""Stage 1: train the projector on precomputed features, the LLM frozen (the `plain` template: image, then
+caption). Writes `RUN/stage1/projector.safetensors`."""
+
+from __future__ import annotations
+
+from llava_hpc.model.llava import save_projector
+from llava_hpc.stages import StageContext, Task
+from llava_hpc.stages import training
+from llava_hpc.stages.common import stage1_projector_path
+
+STAGE = "stage1"
+
+
+def plan(ctx: StageContext) -> list[Task]:
+    return training.plan(ctx, STAGE)
+
+
+def is_done(ctx: StageContext) -> bool:
+    return training.is_done(ctx, STAGE)
+
+
+def progress(ctx: StageContext) -> str | None:
+    return training.progress(ctx, STAGE)
+
+
+def reset(ctx: StageContext) -> None:
+    training.reset(ctx, STAGE)
+
+
+def _prepare(model) -> None:
+    model.freeze_language_model(True)
+
+
+def _finish(ctx, result, model, tokenizer, env) -> dict:
+    # Under ZeRO-2 (or one process) every rank holds the whole projector; rank 0 writes it.
+    projector = result.engine.model.multi_modal_projector
+    if env.is_main:
+        save_projector(projector, stage1_projector_path(ctx.run))  # atomic: temporary file, then rename
+    trainable = sum(p.numel() for p in projector.parameters())
+    return {"trainable_parameters": trainable, "projector": str(stage1_projector_path(ctx.run))}
+
+
+def run(ctx: StageContext, task: Task) -> dict:
+    if ctx.pipeline.stages.stage1.zero_stage == 3:
+        raise ValueError("stage1 trains only the projector: use zero_stage 0 or 2 (ZeRO-3 would partition a few MB)")
+    return training.run_training(ctx, STAGE, "plain", _prepare, _finish)

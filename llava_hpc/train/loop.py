@@ -1,0 +1,416 @@
+"""The one training loop both stages use, readable top to bottom.
+
+    for step in steps not yet done:
+        for each micro-batch of this rank's share of the global batch: forward, backward
+        clip, optimizer step, lr schedule step
+        log metrics; every `save_every_steps` save a checkpoint
+
+Data order is a pure function of (seed, step): the global sample stream is a concatenation of per-epoch
+permutations, and step s consumes its slice. Resuming at step s therefore sees exactly the samples an
+uninterrupted run would have, so an interrupted-and-resumed run ends with the same weights (bitwise on CPU).
+
+Two engines behind one interface: plain torch (one process, `zero_stage = 0`) and DeepSpeed ZeRO-2/3
+(any number of processes, one per Slurm task).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_text
+from llava_hpc.train import distributed
+
+log = logging.getLogger("llava_hpc.train")
+
+# Fault-injection aids for tests: exit the process (as a kill would) right after this optimizer step; sleep
+# after every step (so a test can preempt or time out a run of a few seconds mid-way).
+FAULT_EXIT_ENV = "LLAVA_HPC_FAULT_EXIT_AFTER_STEP"
+FAULT_SLEEP_ENV = "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP"
+COMPLETE = "_COMPLETE"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    epochs: float
+    max_steps: int | None
+    seed: int
+    precision: str  # auto | bf16 | fp16 | fp32
+    gradient_checkpointing: bool
+    save_every_steps: int
+    keep_checkpoints: int
+    zero_stage: int  # 0: plain torch; 2, 3: DeepSpeed ZeRO
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- schedule & data
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup, then cosine to zero (the reference's `cosine` with warmup_ratio)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class SampleStream:
+    """Global sample order: epoch e is a permutation seeded by (seed, e); step s takes samples [s*G, (s+1)*G)."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int):
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self._epoch, self._order = -1, []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator).tolist()
+        return self._order
+
+    def global_batch_indices(self, step: int) -> list[int]:
+        start = step * self.global_batch
+        return [self._permutation(k // self.num_samples)[k % self.num_samples] for k in range(start, start + self.global_batch)]
+
+
+def total_steps(num_samples: int, settings: TrainSettings, world_size: int) -> int:
+    global_batch = settings.batch_size * settings.grad_accum * world_size
+    steps = max(1, math.floor(settings.epochs * num_samples / global_batch))
+    return min(steps, settings.max_steps) if settings.max_steps else steps
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and device.type == "cpu":
+            return "fp32" if precision == "fp16" else "bf16"
+        return precision
+    if device.type == "cuda":
+        # V100-class GPUs have no bf16: fp16 with loss scaling there.
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------------- engines
+class TorchEngine:
+    """One process, plain torch: AdamW, optional autocast and loss scaling."""
+
+    def __init__(self, model, settings: TrainSettings, total: int, warmup: int, precision: str, device):
+        self.model, self.settings, self.precision, self.device = model, settings, precision, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.grad_norm = 0.0
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def loss(self, inputs: dict) -> torch.Tensor:
+        with self._autocast():
+            return self.model(**inputs).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.settings.grad_accum).backward()
+
+    def step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "client": client_state}
+        with atomic_path(directory / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def load(self, directory: Path) -> dict:
+        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        missing = self.model.load_state_dict(state["model"], strict=False).unexpected_keys
+        if missing:
+            raise ResumeError(f"{directory}: checkpoint holds parameters this model lacks: {missing[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        return state["client"]
+
+    def full_state_dict(self) -> dict:
+        return {n: t.detach().cpu() for n, t in self.model.state_dict().items()}
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2/3 over the trainable parameters; one process per Slurm task."""
+
+    def __init__(self, model, settings: TrainSettings, total: int, warmup: int, precision: str, device):
+        import deepspeed
+
+        self.settings, self.precision = settings, precision
+        zero: dict = {"stage": settings.zero_stage, "contiguous_gradients": True, "overlap_comm": device.type == "cuda",
+                      "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+        if settings.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e4,
+                        stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9,
+                        stage3_gather_16bit_weights_on_model_save=True)
+            if settings.offload_params:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+        if settings.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+        config = {
+            "train_micro_batch_size_per_gpu": settings.batch_size,
+            "gradient_accumulation_steps": settings.grad_accum,
+            "gradient_clipping": settings.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        params = [p for p in model.parameters() if p.requires_grad]
+        if settings.offload_optimizer:
+            # ZeRO-Offload needs DeepSpeed's CPU Adam (compiled on first use, cached in TORCH_EXTENSIONS_DIR).
+            config["optimizer"] = {"type": "AdamW", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}}
+            optimizer = None
+        else:
+            optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup)))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.model = self.engine.module
+
+    def loss(self, inputs: dict) -> torch.Tensor:
+        return self.engine(**inputs).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/grad_accum itself
+        self.engine.step()  # steps the optimizer only at the accumulation boundary
+
+    def step(self) -> None:
+        """The optimizer stepped inside the last backward(); nothing left to do but read the norm."""
+
+    @property
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        # Frozen parameters (the LLM in stage 1) are rebuilt from the base model: not written every time.
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client_state,
+                                    save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> dict:
+        path, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=False)
+        if path is None:
+            raise ResumeError(f"{directory}: DeepSpeed could not load this checkpoint")
+        return client
+
+    def full_state_dict(self) -> dict | None:
+        """Every parameter, gathered (ZeRO-3 partitions them: a plain state_dict() would be empty tensors).
+        Collective: every rank must call it; rank 0 gets the dict, the others None."""
+        if self.settings.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            return None if state is None else {n: t.detach().cpu() for n, t in state.items()}
+        return {n: t.detach().cpu() for n, t in self.engine.module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def complete_checkpoints(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob(f"step-*/{COMPLETE}"))
+
+
+def rotate_checkpoints(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep]:
+        (old / COMPLETE).unlink()  # first unmark, so a crash mid-delete never leaves a "complete" half
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    final_loss: float
+    seconds: float
+    engine: object
+
+
+def train(
+    model: torch.nn.Module,
+    dataset,
+    collate: Callable,
+    settings: TrainSettings,
+    out_dir: Path,
+    env: distributed.DistributedEnv,
+    device: torch.device,
+    stage: str,
+) -> TrainResult:
+    started = time.time()
+    precision = resolve_precision(settings.precision, device)
+    total = total_steps(len(dataset), settings, env.world_size)
+    warmup = math.ceil(settings.warmup_ratio * total)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    engine_cls = TorchEngine if settings.zero_stage == 0 else DeepSpeedEngine
+    if engine_cls is TorchEngine and env.world_size > 1:
+        raise ValueError(f"{stage}: zero_stage = 0 trains in one process; use zero_stage 2 or 3 for {env.world_size} tasks")
+    engine = engine_cls(model, settings, total, warmup, precision, device)
+
+    checkpoints = out_dir / "checkpoints"
+    start = _resume(engine, checkpoints, env, settings)
+    stream = SampleStream(len(dataset), settings.batch_size * settings.grad_accum * env.world_size, settings.seed)
+    per_rank = settings.batch_size * settings.grad_accum
+    metrics_file = out_dir / "metrics.jsonl"
+    if env.is_main and metrics_file.exists():
+        # Steps after the checkpoint we resume from are done again: drop their rows so each step has one.
+        kept = [line for line in metrics_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
+    fault_step = int(os.environ.get(FAULT_EXIT_ENV, "0")) or None
+    fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0"))
+    log.info("%s: %d samples, %d steps (global batch %d = %d x %d x %d ranks), %s, %s, resuming at step %d",
+             stage, len(dataset), total, stream.global_batch, settings.batch_size, settings.grad_accum,
+             env.world_size, precision, type(engine).__name__, start)
+
+    loss_value = float("nan")
+    progress = tqdm(range(start, total), initial=start, total=total, desc=stage, disable=not env.is_main,
+                    mininterval=5, dynamic_ncols=True)
+    for step in progress:
+        step_started = time.time()
+        indices = stream.global_batch_indices(step)[env.rank * per_rank : (env.rank + 1) * per_rank]
+        losses, tokens = [], 0
+        for micro in range(settings.grad_accum):
+            batch = collate([dataset[i] for i in indices[micro * settings.batch_size : (micro + 1) * settings.batch_size]])
+            batch = batch.to(device)
+            loss = engine.loss(batch.model_inputs())
+            engine.backward(loss)
+            losses.append(loss.item())
+            images = 0 if batch.image_features is None else batch.image_features.shape[0] * (batch.image_features.shape[1] - 1)
+            tokens += int(batch.attention_mask.sum()) + images
+        engine.step()
+        loss_value = distributed.all_reduce_mean(sum(losses) / len(losses))
+        seconds = time.time() - step_started
+        if env.is_main:
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
+            append_jsonl(metrics_file, {
+                "step": step + 1, "loss": loss_value, "lr": engine.lr, "grad_norm": engine.grad_norm,
+                "samples_per_s": stream.global_batch / seconds, "tokens_per_s": tokens * env.world_size / seconds,
+                "memory_gb": _memory_gb(device), "time": time.time(),
+            })
+        done = step + 1
+        if done % settings.save_every_steps == 0 or done == total:
+            save_checkpoint(engine, checkpoints, done, env, settings)
+        if fault_step is not None and done == fault_step and done < total:
+            log.warning("fault injection: exiting after step %d", done)
+            os._exit(3)
+        if fault_sleep:
+            time.sleep(fault_sleep)
+    progress.close()
+    return TrainResult(total, start, loss_value, time.time() - started, engine)
+
+
+def save_checkpoint(engine, checkpoints: Path, step: int, env, settings: TrainSettings) -> None:
+    directory = checkpoints / f"step-{step:08d}"
+    if env.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    client = {"step": step, "world_size": env.world_size, "zero_stage": settings.zero_stage}
+    engine.save(directory, client)
+    with atomic_path(directory / f"rng-rank{env.rank}.pt") as tmp:
+        torch.save(_rng_state(), tmp)
+    distributed.barrier()
+    if env.is_main:
+        atomic_write_json(directory / COMPLETE, client)
+        rotate_checkpoints(checkpoints, settings.keep_checkpoints)
+    distributed.barrier()
+
+
+def _resume(engine, checkpoints: Path, env, settings: TrainSettings) -> int:
+    found = complete_checkpoints(checkpoints)
+    if not found:
+        return 0
+    latest = found[-1]
+    meta = json.loads((latest / COMPLETE).read_text())
+    if meta["world_size"] != env.world_size or meta["zero_stage"] != settings.zero_stage:
+        raise ResumeError(
+            f"{latest} was written by {meta['world_size']} process(es) with zero_stage {meta['zero_stage']}; this job "
+            f"has {env.world_size} with zero_stage {settings.zero_stage}. Resume with the same nodes x tasks_per_node "
+            f"and zero_stage, or start the stage over with `llava-hpc submit <stage> --force`."
+        )
+    engine.load(latest)
+    rng = latest / f"rng-rank{env.rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    log.info("resumed from %s", latest)
+    return meta["step"]
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def plot_loss(metrics_file: Path, target: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)

@@ -1,0 +1,117 @@
+"""Exact-match scoring and the report stage, on hand-made answers (no model needed)."""
+
+import json
+
+import pytest
+from conftest import small_pipeline_dict, write_pipeline
+
+from llava_hpc.config import load_pipeline
+from llava_hpc.eval import exact_match
+from llava_hpc.eval.benches import load_bench
+from llava_hpc.rundir import RunDir, atomic_write_jsonl
+from llava_hpc.stages import StageContext
+from llava_hpc.stages import report as report_stage
+
+
+@pytest.mark.parametrize(
+    "answer, expected, right",
+    [
+        ("red", "red", True),
+        ("Red.", "red", True),
+        ("  RED, it is a red square", "red", True),
+        ("'left'", "left", True),
+        ("\u201cLeft\u201d!", "left", True),
+        ("red\nblue", "red", True),
+        ("it is red", "red", False),
+        ("reddish", "red", False),
+        ("left-hand", "left", False),
+        ("", "red", False),
+        ("...", "red", False),
+    ],
+)
+def test_exact_match_normalization(answer, expected, right):
+    assert exact_match.is_exact_match(answer, expected) is right
+
+
+def test_score_arithmetic_and_chance():
+    choices = {"colour": ["red", "green", "blue", "yellow", "purple", "orange"], "position": ["left", "right"]}.get
+    questions = [
+        {"question_id": 0, "category": "colour", "answer": "red"},
+        {"question_id": 1, "category": "position", "answer": "left"},
+        {"question_id": 2, "category": "colour", "answer": "blue"},
+        {"question_id": 3, "category": "position", "answer": "right"},
+        {"question_id": 4, "category": "position", "answer": "left"},
+        {"question_id": 5, "category": "colour", "answer": "green"},  # no answer: skipped for a bad image
+    ]
+    answers = {0: "Red.", 1: "right", 2: "BLUE", 3: "Right!", 4: "the left"}
+    scores = exact_match.score(questions, answers, choices)
+    assert scores["n"] == 5 and scores["correct"] == 3 and scores["missing"] == 1
+    assert scores["exact_match"] == pytest.approx(3 / 5)
+    assert scores["chance"] == pytest.approx((2 / 6 + 3 / 2) / 5)
+    assert scores["by_category"] == {
+        "colour": {"exact_match": 1.0, "n": 2, "correct": 2, "chance": pytest.approx(1 / 6)},
+        "position": {"exact_match": pytest.approx(1 / 3), "n": 3, "correct": 1, "chance": 0.5},
+    }
+
+
+def context(tmp_path, **sections) -> StageContext:
+    data = small_pipeline_dict(tmp_path / "run", **sections)
+    pipeline = load_pipeline(write_pipeline(tmp_path / "pipeline.toml", data))
+    return StageContext(pipeline, RunDir(pipeline.run_dir))
+
+
+def fake_generate(ctx, bench: str, texts: dict) -> None:
+    """What the generate stage leaves behind, with answers written by hand."""
+    directory = ctx.run.stage_dir("generate") / bench
+    metadata = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "model_stage": "stage2", "new_tokens": 2}
+    atomic_write_jsonl(directory / "answers.jsonl", [
+        {"question_id": qid, "prompt": "?", "text": text, "answer_id": f"a{qid}", "model_id": "test/stage2",
+         "metadata": metadata}
+        for qid, text in texts.items()
+    ])
+    ctx.run.mark_done(directory)
+
+
+def test_report_scores_the_synthetic_bench(tmp_path):
+    ctx = context(tmp_path)
+    questions = load_bench("synthetic", ctx.pipeline.benches["synthetic"], ctx.pipeline).questions
+    # Right on every colour question, wrong on every position question, one question left without an answer.
+    texts = {
+        q["question_id"]: (q["answer"].upper() + ".") if q["category"] == "colour" else "purple"
+        for q in questions[:-1]
+    }
+    fake_generate(ctx, "synthetic", texts)
+    assert not report_stage.is_done(ctx)
+    tasks = report_stage.plan(ctx)
+    assert [(t.label, t.payload) for t in tasks] == [("synthetic (exact match)", {"bench": "synthetic"})]
+    assert report_stage.run(ctx, tasks[0])["n"] == 19
+    assert report_stage.is_done(ctx) and report_stage.plan(ctx) == []
+
+    out = ctx.run.stage_dir("report") / "synthetic"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"exact_match", "n", "chance", "by_category", "answer_model", "missing"} <= set(summary)
+    colour, position = summary["by_category"]["colour"], summary["by_category"]["position"]
+    assert (colour["exact_match"], colour["n"], colour["chance"]) == (1.0, 10, pytest.approx(1 / 6))
+    assert (position["exact_match"], position["n"], position["chance"]) == (0.0, 9, 0.5)
+    assert summary["exact_match"] == pytest.approx(10 / 19) and summary["missing"] == 1
+    assert summary["chance"] == pytest.approx((10 / 6 + 9 / 2) / 19)
+    assert summary["answer_model"] == "test/stage2" and summary["generation"]["max_new_tokens"] == 8
+
+    table = (out / "report.md").read_text()
+    assert "| colour | 100.0 % | 10 / 10 | 16.7 % |" in table and "| **all** | **52.6 %** | 10 / 19 |" in table
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report_stage.progress(ctx) == "synthetic: 52.6 % exact match (chance 32.5 %)"
+
+
+def test_benches_without_exact_answers_wait_for_the_judge(tmp_path):
+    images = tmp_path / "landing"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")  # never opened: the report does not look at images
+    ctx = context(tmp_path, benches={
+        "synthetic": {"kind": "synthetic"},
+        "landing": {"kind": "folder", "images": str(images), "question": "Safe to land?"},
+    })
+    assert [t.label for t in report_stage.plan(ctx)] == ["synthetic (exact match; not landing: judge not built yet)"]
+    assert report_stage.progress(ctx) == "landing: waits for the judge (not built yet)"
+    with pytest.raises(FileNotFoundError, match="generate is not done for bench 'synthetic'"):
+        report_stage.run(ctx, report_stage.plan(ctx)[0])

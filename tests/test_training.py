@@ -1,0 +1,124 @@
+"""The training loop in-process: schedule, data order, resume after a kill equals an uninterrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import small_pipeline_dict, write_pipeline
+from safetensors.torch import load_file
+
+from llava_hpc.config import load_pipeline
+from llava_hpc.orchestrate import Orchestrator
+from llava_hpc.rundir import RunDir, read_jsonl
+from llava_hpc.train.loop import SampleStream, TrainSettings, lr_factor, rotate_checkpoints, total_steps
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 100, 10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_sample_stream_is_a_pure_function_of_seed_and_step():
+    a, b = SampleStream(10, 4, seed=3), SampleStream(10, 4, seed=3)
+    steps = [a.global_batch_indices(s) for s in range(5)]
+    assert steps == [b.global_batch_indices(s) for s in reversed(range(5))][::-1]
+    flat = [i for step in steps for i in step]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # whole epochs
+    assert flat[:10] != flat[10:20]  # reshuffled per epoch
+    assert SampleStream(10, 4, seed=4).global_batch_indices(0) != steps[0]
+
+
+def test_total_steps():
+    settings = TrainSettings(8, 2, 1e-3, 0.03, 0, 1, 1.0, None, 0, "fp32", False, 10, 2, 0)
+    assert total_steps(100, settings, world_size=2) == 3  # floor(100 / 32)
+    assert total_steps(10, settings, world_size=1) == 1  # never zero
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        directory = tmp_path / f"step-{step:08d}"
+        directory.mkdir()
+        if step != 4:
+            (directory / "_COMPLETE").write_text("{}")
+    rotate_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003", "step-00000004"]
+
+
+def train_pipeline(tmp_path, name, **stage2):
+    data = small_pipeline_dict(
+        tmp_path / name,
+        stages={
+            "features": {"batch_size": 32, "shard_size": 32, "array_tasks": 1},
+            "stage1": {"dataset": "pretrain", "batch_size": 16, "zero_stage": 0, "lr": 3e-3, "save_every_steps": 2,
+                       "epochs": 2},
+            "stage2": {"dataset": "instruct", "batch_size": 8, "grad_accum": 2, "zero_stage": 0, "lr": 3e-3,
+                       "save_every_steps": 2, "epochs": 2, **stage2},
+        },
+    )
+    return write_pipeline(tmp_path / f"{name}.toml", data)
+
+
+def _run_cli(path, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "llava_hpc.cli", *args, "-p", str(path), "--executor", "local"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    """Stage 1 and stage 2 in subprocesses; the interrupted run is killed (os._exit) after step 3 of each
+    stage, between checkpoints (saved every 2 steps), then resubmitted: the final weights match bit for bit."""
+    clean, broken = train_pipeline(tmp_path, "clean"), train_pipeline(tmp_path, "broken")
+    for stage in ("features", "stage1", "stage2"):
+        result = _run_cli(clean, "submit", stage)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    assert _run_cli(broken, "submit", "features").returncode == 0
+    killed = _run_cli(broken, "submit", "stage1", env={"LLAVA_HPC_FAULT_EXIT_AFTER_STEP": "3"})
+    assert killed.returncode != 0
+    assert not (tmp_path / "broken" / "stage1" / "_SUCCESS").exists()
+    assert (tmp_path / "broken" / "stage1" / "checkpoints" / "step-00000002" / "_COMPLETE").exists()
+    _run_cli(broken, "submit", "stage1")  # resumes from step 2
+    assert (tmp_path / "broken" / "stage1" / "_SUCCESS").exists()
+    assert json.loads((tmp_path / "broken" / "stage1" / "summary.json").read_text())["resumed_from_step"] == 2
+    killed = _run_cli(broken, "submit", "stage2", env={"LLAVA_HPC_FAULT_EXIT_AFTER_STEP": "3"})
+    assert killed.returncode != 0
+    assert not (tmp_path / "broken" / "stage2" / "_SUCCESS").exists()
+    _run_cli(broken, "submit", "stage2")
+    assert json.loads((tmp_path / "broken" / "stage2" / "summary.json").read_text())["resumed_from_step"] == 2
+
+    a = load_file(tmp_path / "clean" / "stage1" / "projector.safetensors")
+    b = load_file(tmp_path / "broken" / "stage1" / "projector.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(tmp_path / "clean" / "stage2" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "broken" / "stage2" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # metrics have one row per step: the steps redone after the kill replaced, not duplicated
+    steps = [row["step"] for row in read_jsonl(tmp_path / "broken" / "stage2" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1))
+
+
+def test_stage2_needs_stage1(tmp_path):
+    path = train_pipeline(tmp_path, "run")
+    pipeline = load_pipeline(path)
+    outcomes = Orchestrator(pipeline, RunDir(pipeline.run_dir)).submit("stage2")
+    assert outcomes[0].action == "failed" and "needs features, stage1" in outcomes[0].message
+
+
+def test_resume_with_another_world_size_says_what_to_do(tmp_path):
+    from llava_hpc.train.loop import ResumeError, _resume
+
+    directory = tmp_path / "checkpoints" / "step-00000004"
+    directory.mkdir(parents=True)
+    (directory / "_COMPLETE").write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 3}))
+
+    class Env:
+        world_size, rank = 4, 0
+
+    settings = TrainSettings(8, 2, 1e-3, 0.03, 0, 1, 1.0, None, 0, "fp32", False, 10, 2, 3)
+    with pytest.raises(ResumeError, match="written by 2 process.*this job has 4.*--force"):
+        _resume(None, tmp_path / "checkpoints", Env, settings)
