@@ -3,8 +3,7 @@
 import json
 import os
 
-import pytest
-from conftest import REPO, small_pipeline_dict, write_pipeline
+from conftest import small_pipeline_dict, write_pipeline
 from typer.testing import CliRunner
 
 from llava_hpc.cli import app
@@ -121,12 +120,3 @@ def test_local_executor_runs_in_subprocesses_and_reports_a_failure_with_its_log(
     assert status["log"].endswith("_log.err")
     log = invoke("logs", "features", "-p", str(path))
     assert "ModelNotAvailableError" in log.output
-
-
-@pytest.mark.slow
-def test_demo_pipeline_features_on_local_executor(tmp_path):
-    """The README's first command, minus the install: the demo runs end to end."""
-    result = invoke("run", "-p", str(REPO / "pipelines" / "demo.toml"), "--run-dir", str(tmp_path / "demo"))
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "demo" / "features" / "pretrain" / "summary.json").read_text())
-    assert summary["rows"] == 3000 and summary["bad_records"] == 0

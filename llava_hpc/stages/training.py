@@ -83,36 +83,35 @@ def run_training(
     if device.type == "cpu":
         # Bitwise-reproducible resume on CPU; on GPUs determinism costs too much speed to be the default.
         torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(settings.seed)
-        spec = llava_spec(ctx.pipeline)
-        model, tokenizer = build_llava(spec, device=device, with_vision_tower=False)
-        prepare(model)
+    # The process group is left up when the task ends: the process ends with it, and DeepSpeed keeps a handle
+    # to it that a second engine in the same process (the debug executor runs stages in-process) reuses.
+    torch.manual_seed(settings.seed)
+    spec = llava_spec(ctx.pipeline)
+    model, tokenizer = build_llava(spec, device=device, with_vision_tower=False)
+    prepare(model)
 
-        dataset_config = ctx.pipeline.datasets[config.dataset]
-        records = load_records(config.dataset, dataset_config, ctx.pipeline)
-        if config.max_samples is not None:
-            records = records[: config.max_samples]
-        store = FeatureStore(ctx.run.stage_dir("features") / config.dataset)
-        template = ConversationTemplate(template_name, tokenizer)
-        source = str(dataset_config.path) if dataset_config.path else f"synthetic {dataset_config.split}"
-        dataset = FeatureConversationDataset(records, store, template, spec.max_length, config.overlong, source)
-        if len(dataset) == 0:
-            raise ValueError(f"{stage}: dataset {config.dataset!r} has no usable samples")
-        collate = Collator(tokenizer.pad_token_id, padding_side="right")
+    dataset_config = ctx.pipeline.datasets[config.dataset]
+    records = load_records(config.dataset, dataset_config, ctx.pipeline)
+    if config.max_samples is not None:
+        records = records[: config.max_samples]
+    store = FeatureStore(ctx.run.stage_dir("features") / config.dataset)
+    template = ConversationTemplate(template_name, tokenizer)
+    source = str(dataset_config.path) if dataset_config.path else f"synthetic {dataset_config.split}"
+    dataset = FeatureConversationDataset(records, store, template, spec.max_length, config.overlong, source)
+    if len(dataset) == 0:
+        raise ValueError(f"{stage}: dataset {config.dataset!r} has no usable samples")
+    collate = Collator(tokenizer.pad_token_id, padding_side="right")
 
-        result: TrainResult = train(model, dataset, collate, settings, out_dir, env, device, stage)
-        summary = finish(ctx, result, model, tokenizer, env)
-        if env.is_main:
-            plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", f"{ctx.pipeline.name} {stage}")
-            summary.update(
-                stage=stage, steps=result.steps, resumed_from_step=result.resumed_from, final_loss=result.final_loss,
-                seconds=round(result.seconds, 1), world_size=env.world_size, template=template_name,
-                samples=len(dataset), data=asdict(dataset.stats) | {"skipped_ids": dataset.stats.skipped_ids[:20]},
-            )
-            atomic_write_json(out_dir / "summary.json", summary)
-            ctx.run.mark_done(out_dir, {"steps": result.steps})
-        distributed.barrier()
-        return summary
-    finally:
-        distributed.teardown()
+    result: TrainResult = train(model, dataset, collate, settings, out_dir, env, device, stage)
+    summary = finish(ctx, result, model, tokenizer, env)
+    if env.is_main:
+        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", f"{ctx.pipeline.name} {stage}")
+        summary.update(
+            stage=stage, steps=result.steps, resumed_from_step=result.resumed_from, final_loss=result.final_loss,
+            seconds=round(result.seconds, 1), world_size=env.world_size, template=template_name,
+            samples=len(dataset), data=asdict(dataset.stats) | {"skipped_ids": dataset.stats.skipped_ids[:20]},
+        )
+        atomic_write_json(out_dir / "summary.json", summary)
+        ctx.run.mark_done(out_dir, {"steps": result.steps})
+    distributed.barrier()
+    return summary

@@ -80,8 +80,3 @@ def all_reduce_mean(value: float) -> float:
         tensor = tensor.cuda()
     torch.distributed.all_reduce(tensor)
     return tensor.item() / torch.distributed.get_world_size()
-
-
-def teardown() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
