@@ -372,6 +372,7 @@ class JudgeConfig(Strict):
 # ---------------------------------------------------------------------------------------------- pipeline
 class Pipeline(Strict):
     name: str
+    profile: ResolvedPath | None = Field(None, description="a cluster profile: [slurm] defaults merged under this file's")
     run_dir: ResolvedPath
     executor: Literal["slurm", "local", "debug"] = "slurm"
     python: str | None = Field(None, description="python of the jobs (default: the one running llava-hpc)")
@@ -458,16 +459,43 @@ def parse_pipeline(data: dict, source: str | Path, base: Path | None = None, che
         raise PipelineError(f"{source}: invalid pipeline file\n" + "\n".join(lines)) from None
 
 
-def load_pipeline(path: str | Path, check_files: bool = True) -> Pipeline:
-    path = Path(path)
+def _read_toml(path: Path, what: str) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise PipelineError(f"{path}: pipeline file not found") from None
+        raise PipelineError(f"{path}: {what} not found") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _apply_profile(data: dict, source: Path) -> dict:
+    """A cluster profile holds only Slurm resources: `[slurm]` and `[stages.<stage>.slurm]` tables. The
+    pipeline's own values win over the profile's."""
+    if not isinstance(data.get("profile"), str):
+        return data
+    profile_path = Path(os.path.expandvars(os.path.expanduser(data["profile"])))
+    if not profile_path.is_absolute():
+        profile_path = source.resolve().parent / profile_path
+    profile = _read_toml(profile_path, "profile (from the pipeline's `profile` key)")
+    for key, table in profile.items():
+        stage_tables = table.values() if key == "stages" and isinstance(table, dict) else []
+        if key not in ("slurm", "stages") or any(not isinstance(t, dict) or set(t) - {"slurm"} for t in stage_tables):
+            raise PipelineError(f"{profile_path}: a profile may only set [slurm] and [stages.<stage>.slurm] tables (found {key!r})")
+    return _merge(profile, data)
+
+
+def load_pipeline(path: str | Path, check_files: bool = True) -> Pipeline:
+    path = Path(path)
+    data = _apply_profile(_read_toml(path, "pipeline file"), path)
     return parse_pipeline(data, path, check_files=check_files)
 
 

@@ -168,3 +168,21 @@ def test_find_pipeline_order(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_HPC_PIPELINE", "/x/env.toml")
     assert find_pipeline(None) == Path("/x/env.toml")
     assert find_pipeline("given.toml") == Path("given.toml")
+
+
+def test_cluster_profile_is_merged_under_the_pipeline(tmp_path):
+    data = small_pipeline_dict(tmp_path / "run", slurm={"cpus": 3})
+    data["profile"] = str(REPO / "slurm" / "profiles" / "greatlakes.toml")
+    pipeline = load_pipeline(write_pipeline(tmp_path / "p.toml", data))
+    assert pipeline.resources("stage1").partition == "debug"  # the pipeline's own [slurm] wins
+    assert pipeline.resources("stage1").cpus == 3
+    assert pipeline.resources("stage1").setup == ["module load python/3.11.5 cuda/12.1.1"]  # from the profile
+    assert pipeline.resources("judge").partition == "standard" and pipeline.resources("judge").gpus == 0
+
+
+def test_profile_may_hold_only_resources(tmp_path):
+    (tmp_path / "bad-profile.toml").write_text('[model]\nllm = "x"\n')
+    data = small_pipeline_dict(tmp_path / "run")
+    data["profile"] = "bad-profile.toml"
+    with pytest.raises(PipelineError, match="a profile may only set"):
+        load_pipeline(write_pipeline(tmp_path / "p.toml", data))
