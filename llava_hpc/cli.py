@@ -102,7 +102,7 @@ def _print_outcome(outcome) -> None:
         console.print(outcome.script, markup=False, highlight=False)
 
 
-def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides):
+def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides, plan_options=None):
     make_private()
     pipeline, run = _load(pipeline_opt, run_dir)
     stages = _stages_for(stage)
@@ -111,7 +111,8 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
     from llava_hpc.scheduler import SchedulerError
 
     try:
-        outcomes = orchestrator.submit(stage, force=force, dry_run=dry_run, wait=wait, on_outcome=_print_outcome)
+        outcomes = orchestrator.submit(stage, force=force, dry_run=dry_run, wait=wait, on_outcome=_print_outcome,
+                                       plan_options=plan_options)
     except AlreadyLockedError as exc:
         _fail(f"another llava-hpc command is submitting into this run directory: {exc}")
     except (SchedulerError, StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
@@ -303,6 +304,77 @@ def validate(
     except PipelineError as exc:
         _fail(str(exc))
     console.print(resolved.to_toml(), markup=False, highlight=False)
+
+
+@app.command()
+def judge(
+    bench: Annotated[Optional[str], typer.Option("--bench", help="bench to judge (default: every judged bench)")] = None,
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="judge here, in this process, instead of a Slurm job")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count requests, tokens and cost; send nothing")] = False,
+    executor: ExecutorOpt = None,
+    partition: PartitionOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    time_limit: TimeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="judge again (cached replies are still reused)")] = False,
+):
+    """Judge a bench's answers with GPT-4 or any OpenAI-compatible endpoint (the reference LLaVA-Bench protocol).
+
+    Submits the judge job for the bench (or judges in place with --local). The key is read from the
+    environment variable named by the pipeline's judge.api_key_env, inside the job; it is never written down.
+    Replies are cached by content: rerunning never pays twice for the same judgement."""
+    from llava_hpc.stages import StageContext
+
+    pipeline_obj, run = _load(pipeline, run_dir)
+    if bench is not None and bench not in pipeline_obj.benches:
+        _fail(f"no bench {bench!r} in the pipeline; benches: {', '.join(pipeline_obj.benches) or 'none'}")
+    from llava_hpc.stages import judge as judge_stage
+
+    ctx = StageContext(pipeline_obj, run)
+    names = [bench] if bench else None
+    if bench is not None and bench not in judge_stage.judged_benches(ctx):
+        _fail(f"bench {bench!r} ({pipeline_obj.benches[bench].kind}) needs no judge: it is scored by exact match")
+    if dry_run:
+        _print_estimate(judge_stage.dry_run_estimate(ctx, names))
+        return
+    if local:
+        make_private()
+        from llava_hpc.eval.judge_transport import JudgeTransportError, MissingApiKeyError
+
+        for name in names or judge_stage.judged_benches(ctx):
+            try:
+                summary = judge_stage.judge_bench(ctx, name, local=True)
+            except (MissingApiKeyError, JudgeTransportError, judge_stage.JudgeIncompleteError,
+                    judge_stage.AnswersFileError, FileNotFoundError, ValueError) as exc:
+                _fail(f"{name}: {exc}", code=1)
+            console.print(f"{name}: {json.dumps(summary.get('scores', {}).get('all', summary), default=str)}", highlight=False)
+        return
+    config = pipeline_obj.judge
+    if not config.base_url and not os.environ.get(config.api_key_env):
+        err_console.print(f"[yellow]warning:[/] ${config.api_key_env} is not set here; the job reads it from its own "
+                          "environment (sbatch passes this one): it will fail unless the job's environment has it")
+    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit)
+    _submit("judge", pipeline, run_dir, executor, force, False, None, overrides,
+            plan_options={"judge": {"benches": names}} if names else None)
+
+
+def _print_estimate(estimate: dict) -> None:
+    table = Table(title="judge dry run: nothing sent", title_justify="left")
+    for column in ("bench", "phase", "model", "requests", "cached", "to send", "prompt tok", "completion tok",
+                   "sync $", "batch $"):
+        table.add_column(column, justify="right" if column not in ("bench", "phase", "model") else "left")
+    money = lambda value: "?" if value is None else f"{value:.3f}"  # noqa: E731 - unknown price: say so
+    for name, bench in estimate.items():
+        for phase in bench["phases"]:
+            table.add_row(name, phase["phase"], phase["model"], str(phase["requests"]), str(phase["cached"]),
+                          str(phase["to_send"]), f"{phase['prompt_tokens']:,}", f"{phase['completion_tokens']:,}",
+                          money(phase["cost_sync_usd"]), money(phase["cost_batch_usd"]))
+    console.print(table)
+    for name, bench in estimate.items():
+        for note in bench["notes"]:
+            console.print(f"[dim]{name}: {note}[/]", highlight=False)
 
 
 @app.command("export")

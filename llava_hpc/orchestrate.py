@@ -145,10 +145,12 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------ submit
     def submit(self, requested: str, force: bool = False, dry_run: bool = False, wait: bool | None = None,
-               on_outcome=None) -> list[StageOutcome]:
-        """Submit the requested stage(s). `wait` defaults to True where there is no queue (local, debug)."""
+               on_outcome=None, plan_options: dict | None = None) -> list[StageOutcome]:
+        """Submit the requested stage(s). `wait` defaults to True where there is no queue (local, debug).
+        `plan_options`: stage -> keyword arguments for its plan() (e.g. {"judge": {"benches": [...]}})."""
         stages = resolve_stages(requested)
         wait = self.executor != "slurm" if wait is None else wait
+        self._plan_options = plan_options or {}
         if dry_run:
             return self._submit_locked(stages, force, dry_run, wait, on_outcome)
         with self.run.lock(f"llava-hpc submit {requested}"):
@@ -207,7 +209,7 @@ class Orchestrator:
                                                  f"submit {waiting_on[0]} first (or `submit all`)")
         if force and not dry_run:
             self._clear_done(stage)
-        tasks = module.plan(self.ctx)
+        tasks = module.plan(self.ctx, **self._plan_options.get(stage, {}))
         if not tasks:
             return StageOutcome(stage, "skipped-done", "nothing left to compute")
         after = [active[parent] for parent in upstream(stage, list(active) + stages) if parent in active]

@@ -11,5 +11,5 @@ fi
 cleanup() { if [ "$started_slurm" = 1 ]; then bash slurm/local/stop.sh; fi; }
 trap cleanup EXIT
 # Integration tests fail (never skip) when the cluster or SmolLM2 is missing: a green run means they ran.
-export LLAVA_HPC_REQUIRE_SLURM=1 LLAVA_HPC_REQUIRE_SMOLLM2=${LLAVA_HPC_REQUIRE_SMOLLM2:-1}
+export LLAVA_HPC_REQUIRE_SLURM=1 LLAVA_HPC_REQUIRE_SMOLLM2=${LLAVA_HPC_REQUIRE_SMOLLM2:-1} LLAVA_HPC_REQUIRE_EVAL_DATA=1
 .venv/bin/python -m pytest "$@"

@@ -10,6 +10,12 @@ import pytest
 import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
+# The real LLaVA-Bench tables (../shared/data beside the checkout, as on the development and CI machines).
+LLAVA_EVAL = Path(os.environ.get("LLAVA_HPC_EVAL_DATA", REPO.parent / "shared" / "data" / "llava-eval"))
+if not LLAVA_EVAL.exists() and Path("/work/shared/data/llava-eval").exists():
+    LLAVA_EVAL = Path("/work/shared/data/llava-eval")
+# scripts/test.sh sets this: tests that need the tables then fail instead of skipping when they are missing.
+REQUIRE_EVAL_DATA = os.environ.get("LLAVA_HPC_REQUIRE_EVAL_DATA") == "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -57,8 +63,9 @@ def small_pipeline_dict(run_dir: Path, **sections) -> dict:
         },
         "stages": {
             "features": {"batch_size": 16, "shard_size": 16, "array_tasks": 2},
-            "stage1": {"dataset": "pretrain"},
-            "stage2": {"dataset": "instruct"},
+            # plain torch in one process: fast; DeepSpeed is exercised through Slurm in test_slurm_training
+            "stage1": {"dataset": "pretrain", "zero_stage": 0},
+            "stage2": {"dataset": "instruct", "zero_stage": 0},
         },
         "benches": {"synthetic": {"kind": "synthetic"}},
     }

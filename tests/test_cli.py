@@ -23,7 +23,12 @@ def test_help_explains_the_commands():
     assert "pipelines/demo.toml" in result.output
 
 
-def test_unbuilt_stage_is_refused_clearly(small_pipeline):
+def test_unbuilt_stage_is_refused_clearly(small_pipeline, monkeypatch):
+    import dataclasses
+
+    from llava_hpc import stages
+
+    monkeypatch.setitem(stages.STAGES, "judge", dataclasses.replace(stages.STAGES["judge"], module=None))
     result = invoke("submit", "judge", "-p", str(small_pipeline))
     assert result.exit_code == 2
     assert "stage 'judge'" in result.output and "not built in this version" in result.output

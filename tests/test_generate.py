@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import small_pipeline_dict, write_pipeline
+from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA, small_pipeline_dict, write_pipeline
 from PIL import Image
 
 from llava_hpc.config import load_pipeline
@@ -19,9 +19,8 @@ from llava_hpc.stages import StageContext
 from llava_hpc.stages import generate as generate_stage
 from llava_hpc.stages.common import BadRecord, llava_spec, load_trained_model, stage2_model_dir
 
-LLAVA_EVAL = Path("/work/shared/data/llava-eval")
 QA90 = LLAVA_EVAL / "qa90_questions.jsonl"
-needs_qa90 = pytest.mark.skipif(not QA90.exists(), reason=f"{QA90} is not on this machine")
+needs_qa90 = pytest.mark.skipif(not REQUIRE_EVAL_DATA and not QA90.exists(), reason=f"{QA90} is not on this machine")
 ANSWER_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 # qa90's first four images (three questions each): stored without prefix, with prefix, missing, corrupt.
 COCO_IMAGES = ("000000441147.jpg", "000000353536.jpg", "000000506095.jpg", "000000514915.jpg")

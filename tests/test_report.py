@@ -111,7 +111,9 @@ def test_benches_without_exact_answers_wait_for_the_judge(tmp_path):
         "synthetic": {"kind": "synthetic"},
         "landing": {"kind": "folder", "images": str(images), "question": "Safe to land?"},
     })
-    assert [t.label for t in report_stage.plan(ctx)] == ["synthetic (exact match; not landing: judge not built yet)"]
-    assert report_stage.progress(ctx) == "landing: waits for the judge (not built yet)"
+    assert [t.label for t in report_stage.plan(ctx)] == ["synthetic (exact match)", "landing (judged)"]
+    assert report_stage.progress(ctx) == "landing: waits for the judge"
     with pytest.raises(FileNotFoundError, match="generate is not done for bench 'synthetic'"):
         report_stage.run(ctx, report_stage.plan(ctx)[0])
+    with pytest.raises(FileNotFoundError, match="the judge is not done for bench 'landing'"):
+        report_stage.run(ctx, report_stage.plan(ctx)[1])

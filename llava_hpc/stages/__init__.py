@@ -36,7 +36,7 @@ STAGES: dict[str, StageInfo] = {
         StageInfo("stage2", ("features", "stage1"), "fine-tune projector + LLM with DeepSpeed ZeRO",
                   "llava_hpc.stages.stage2"),
         StageInfo("generate", ("stage2",), "batched answers for every bench", "llava_hpc.stages.generate"),
-        StageInfo("judge", ("generate",), "GPT-4 (or any OpenAI-compatible) judge", None),
+        StageInfo("judge", ("generate",), "GPT-4 (or any OpenAI-compatible) judge", "llava_hpc.stages.judge"),
         StageInfo("report", ("generate", "judge"), "scores, tables and plots per bench", "llava_hpc.stages.report"),
     )
 }

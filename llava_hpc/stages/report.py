@@ -1,9 +1,11 @@
-"""Report stage, first form: exact-match scores of the benches with exact answers (the synthetic bench).
+"""Report stage: one task per bench, `RUN/report/<bench>/summary.json`, `report.md` and a plot.
 
-Per bench, one task: `RUN/report/<bench>/summary.json` (overall and per-category exact match, n, chance, the answering
-model), `report.md` (a table) and `scores.png` (a bar per category against chance). Scoring rules are in
-`llava_hpc.eval.exact_match`. Benches without exact answers (LLaVA-Bench, folder benches) are scored by the judge,
-which is not built yet: plan() leaves them out and says so, and `status` shows them as waiting for it.
+- Benches with exact answers (the synthetic bench): exact match overall and per category, n, chance, the
+  answering model (`llava_hpc.eval.exact_match`), and a bar per category against chance.
+- Judged benches (LLaVA-Bench, folder benches): from the judge's reviews, per category and "all" the relative
+  score as the reference defines it (ratio of means x 100) with both means, n and parse failures, the
+  per-question distribution, the baseline's scores where the bench has one, judge and answer models, spend
+  (`llava_hpc.eval.judged_report`), and a box plot of per-question relative scores.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from llava_hpc.eval import exact_match
+from llava_hpc.eval import exact_match, judged_report
 from llava_hpc.eval.benches import BenchData, load_bench
 from llava_hpc.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from llava_hpc.stages import StageContext, Task
@@ -29,28 +31,28 @@ def _load_bench(ctx: StageContext, name: str) -> BenchData:
     return load_bench(name, ctx.pipeline.benches[name], ctx.pipeline)
 
 
-def _exact_benches(ctx: StageContext) -> list[str]:
-    return [name for name in ctx.pipeline.generate_benches() if _load_bench(ctx, name).exact]
+def _is_exact(ctx: StageContext, name: str) -> bool:
+    # Decided by the bench's kind, without reading its files: only the synthetic bench has exact answers.
+    return ctx.pipeline.benches[name].kind == "synthetic"
 
 
 def is_done(ctx: StageContext) -> bool:
-    return all(ctx.run.is_done(output_dir(ctx, name)) for name in _exact_benches(ctx))
+    return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.generate_benches())
 
 
 def plan(ctx: StageContext) -> list[Task]:
-    exact = _exact_benches(ctx)
-    waiting = [name for name in ctx.pipeline.generate_benches() if name not in exact]
-    note = f"; not {', '.join(waiting)}: judge not built yet" if waiting else ""
-    if waiting:
-        log.warning("report: %s need the judge (not built yet); reporting exact-match benches only", ", ".join(waiting))
     return [
-        Task(stage="report", index=index, label=f"{name} (exact match{note})", payload={"bench": name})
-        for index, name in enumerate(name for name in exact if not ctx.run.is_done(output_dir(ctx, name)))
+        Task(stage="report", index=index, label=f"{name} ({'exact match' if _is_exact(ctx, name) else 'judged'})",
+             payload={"bench": name})
+        for index, name in enumerate(
+            name for name in ctx.pipeline.generate_benches() if not ctx.run.is_done(output_dir(ctx, name)))
     ]
 
 
 def run(ctx: StageContext, task: Task) -> dict:
     name = task.payload["bench"]
+    if not _is_exact(ctx, name):
+        return _report_judged(ctx, name)
     data = _load_bench(ctx, name)
     generated = ctx.run.stage_dir("generate") / name
     if not ctx.run.is_done(generated):
@@ -69,7 +71,8 @@ def run(ctx: StageContext, task: Task) -> dict:
         "kind": data.kind,
         "metric": "exact_match",
         "answer_model": ", ".join(sorted({a["model_id"] for a in answers})),
-        "generation": {key: answers[0]["metadata"][key] for key in ("temperature", "top_p", "max_new_tokens")},
+        # answers written by another tool may carry no generation metadata: report what there is
+        "generation": {key: answers[0].get("metadata", {}).get(key) for key in ("temperature", "top_p", "max_new_tokens")},
         **scores,
     }
     directory = output_dir(ctx, name)
@@ -80,6 +83,24 @@ def run(ctx: StageContext, task: Task) -> dict:
     log.info("%s: exact match %.3f over %d questions (chance %.3f)", name, summary["exact_match"], summary["n"],
              summary["chance"])
     return {"bench": name, "exact_match": summary["exact_match"], "n": summary["n"]}
+
+
+def _report_judged(ctx: StageContext, name: str) -> dict:
+    judged = ctx.run.stage_dir("judge") / name
+    if not ctx.run.is_done(judged):
+        raise FileNotFoundError(f"{judged / 'reviews.jsonl'}: the judge is not done for bench {name!r}; submit judge first")
+    judge_summary = json.loads((judged / "summary.json").read_text())
+    directory = output_dir(ctx, name)
+    # Categories and "all" at the top level (relative_score, reference_mean, candidate_mean, n, parse_failures),
+    # beside the judge and answer models: scores from different judge snapshots do not compare.
+    summary = {"bench": name, "metric": "relative_score", **judge_summary["scores"],
+               **{key: value for key, value in judge_summary.items() if key != "scores"}}
+    atomic_write_json(directory / "summary.json", summary)
+    judged_report.write_report(judge_summary, directory)
+    score = judge_summary["scores"]["all"]["relative_score"]
+    ctx.run.mark_done(directory, {"relative_score": score, "n": judge_summary["scores"]["all"]["n"]})
+    log.info("%s: relative score %s %% (judge %s)", name, score, judge_summary.get("judge_model"))
+    return {"bench": name, "relative_score": score}
 
 
 def _percent(value: float | None) -> str:
@@ -140,8 +161,11 @@ def progress(ctx: StageContext) -> str | None:
         summary_path = output_dir(ctx, name) / "summary.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
-            score, chance = _percent(summary["exact_match"]), _percent(summary["chance"])
-            notes.append(f"{name}: {score} exact match (chance {chance})")
-        elif not _load_bench(ctx, name).exact:
-            notes.append(f"{name}: waits for the judge (not built yet)")
+            if summary["metric"] == "exact_match":
+                score, chance = _percent(summary["exact_match"]), _percent(summary["chance"])
+                notes.append(f"{name}: {score} exact match (chance {chance})")
+            else:
+                notes.append(f"{name}: {summary['all']['relative_score']} % relative")
+        elif not _is_exact(ctx, name):
+            notes.append(f"{name}: waits for the judge")
     return "; ".join(notes) or None

@@ -1,0 +1,77 @@
+"""`llava-hpc judge --bench llava-bench` as written, against the local OpenAI-compatible stub, then the report."""
+
+import json
+
+import pytest
+from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA
+from openai_stub import OpenAIStub
+from test_judge_stage import KEY, KEY_ENV, SCORES_BY_CATEGORY, assert_key_nowhere, coco_context, fake_generate, qa90
+from typer.testing import CliRunner
+
+from llava_hpc.cli import app
+
+pytestmark = pytest.mark.skipif(not REQUIRE_EVAL_DATA and not (LLAVA_EVAL / "rule.json").exists(),
+                                reason=f"{LLAVA_EVAL} is not here")
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", KEY_ENV: KEY}, catch_exceptions=False)
+
+
+@pytest.fixture
+def stub():
+    with OpenAIStub() as server:
+        server.script.expected_key = KEY
+        server.script.scores = {q["text"]: SCORES_BY_CATEGORY[q["category"]] for q in qa90()}
+        yield server
+
+
+def test_dry_run_then_judge_locally_then_report(tmp_path, stub):
+    ctx = coco_context(tmp_path, stub)
+    fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()])
+    pipeline = str(tmp_path / "pipeline.toml")
+
+    dry = invoke("judge", "--bench", "llava-bench", "-p", pipeline, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "nothing sent" in dry.output and "90" in dry.output
+    assert stub.chat_log() == []
+
+    judged = invoke("judge", "--bench", "llava-bench", "-p", pipeline, "--local")
+    assert judged.exit_code == 0, judged.output
+    assert len(stub.chat_log()) == 90
+
+    fake_generate(ctx, "synthetic", list(range(20)))  # the test pipeline's other bench, scored by exact match
+    report = invoke("submit", "report", "-p", pipeline, "--executor", "debug")
+    assert report.exit_code == 0, report.output
+    summary = json.loads((ctx.run.stage_dir("report") / "llava-bench" / "summary.json").read_text())
+    assert summary["judge_model"] == ctx.pipeline.judge.model
+    for category, (reference, candidate) in SCORES_BY_CATEGORY.items():
+        row = summary[category]
+        assert row["n"] == 30 and row["parse_failures"] == 0
+        assert row["relative_score"] == pytest.approx(candidate / reference * 100, abs=0.05)
+        assert (row["reference_mean"], row["candidate_mean"]) == (reference * 10, candidate * 10)
+    assert {"relative_score", "reference_mean", "candidate_mean", "n", "parse_failures"} <= set(summary["all"])
+    assert (ctx.run.stage_dir("report") / "llava-bench" / "scores.png").stat().st_size > 1000
+
+    # Judging again pays nothing: every reply comes from the cache.
+    again = invoke("judge", "--bench", "llava-bench", "-p", pipeline, "--local")
+    assert again.exit_code == 0 and len(stub.chat_log()) == 90
+    assert_key_nowhere(ctx.run.root)
+
+
+def test_judge_submits_the_judge_job_for_that_bench(tmp_path, stub):
+    ctx = coco_context(tmp_path, stub)
+    fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()[:6]])
+    fake_generate(ctx, "synthetic", list(range(20)))
+    result = invoke("judge", "--bench", "llava-bench", "-p", str(tmp_path / "pipeline.toml"), "--executor", "debug")
+    assert result.exit_code == 0, result.output
+    assert "judge     submitted" in result.output
+    assert ctx.run.is_done(ctx.run.stage_dir("judge") / "llava-bench")
+    assert json.loads(ctx.run.jobs_file.read_text().splitlines()[-1])["stage"] == "judge"
+    assert_key_nowhere(ctx.run.root)
+
+
+def test_judge_refuses_unknown_and_exact_benches(tmp_path, stub):
+    coco_context(tmp_path, stub, bench=None)
+    pipeline = str(tmp_path / "pipeline.toml")
+    assert "no bench 'nope'" in invoke("judge", "--bench", "nope", "-p", pipeline).output
