@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -325,7 +326,9 @@ class Scheduler:
             if submission.executor == "local":
                 for job_id in submission.job_ids:
                     if job_id.isdigit() and _pid_alive(int(job_id)):
-                        os.kill(int(job_id), 15)
+                        # SIGINT, as submitit's own LocalJob.cancel: its tasks ignore SIGTERM (a Slurm pre-kill
+                        # warning), and its controller answers SIGINT by killing its tasks.
+                        os.kill(int(job_id), signal.SIGINT)
                         cancelled.append(job_id)
         return cancelled
 

@@ -125,3 +125,30 @@ def test_local_executor_runs_in_subprocesses_and_reports_a_failure_with_its_log(
     assert status["log"].endswith("_log.err")
     log = invoke("logs", "features", "-p", str(path))
     assert "ModelNotAvailableError" in log.output
+
+
+def test_cancel_stops_a_local_job(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    data = small_pipeline_dict(tmp_path / "run", executor="local",
+                               stages={"features": {"datasets": ["pretrain"], "shard_size": 8, "array_tasks": 1}})
+    path = write_pipeline(tmp_path / "p.toml", data)
+    env = {**os.environ, "LLAVA_HPC_FAULT_SLEEP_AFTER_SHARD": "30"}
+    submit = subprocess.Popen([sys.executable, "-m", "llava_hpc.cli", "submit", "features", "-p", str(path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = tmp_path / "run" / "features" / "pretrain" / "part-00000.parquet"
+    deadline = time.time() + 90
+    while not shard.exists():
+        assert time.time() < deadline, "the local job never wrote its first shard"
+        time.sleep(0.5)
+    result = invoke("cancel", "features", "-p", str(path))
+    assert result.exit_code == 0 and "cancelled" in result.output
+    pid = json.loads((tmp_path / "run" / "jobs.jsonl").read_text().splitlines()[-1])["job_ids"][0]
+    deadline = time.time() + 30
+    while subprocess.run(["pgrep", "-f", f"submitit.*{tmp_path}"], capture_output=True).stdout.strip():
+        assert time.time() < deadline, f"local job {pid} still has processes after cancel"
+        time.sleep(0.5)
+    submit.wait(30)
+    assert not (tmp_path / "run" / "features" / "pretrain" / "_SUCCESS").exists()
