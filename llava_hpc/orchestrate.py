@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from llava_hpc.config import Pipeline
 from llava_hpc.rundir import RunDir, Submission, atomic_write_text
 from llava_hpc.scheduler import ACTIVE_STATES, FAILED_STATES, QueryStats, Scheduler, TaskState
-from llava_hpc.stages import ORDER, STAGES, StageContext, StageNotBuiltError, built_stages, stage_module, upstream
+from llava_hpc.stages import (
+    ORDER,
+    STAGES,
+    StageContext,
+    StageNotBuiltError,
+    built_stages,
+    needs,
+    stage_module,
+    upstream,
+)
 
 
 class NothingToDo(Exception):
@@ -201,7 +210,7 @@ class Orchestrator:
         if stage in active and not force:
             ids = ",".join(active[stage].job_ids[:3]) + ("..." if len(active[stage].job_ids) > 3 else "")
             return StageOutcome(stage, "skipped-active", f"already queued or running (job {ids}); --force to resubmit")
-        waiting_on = [parent for parent in STAGES[stage].after
+        waiting_on = [parent for parent in needs(stage, self.ctx)
                       if STAGES[parent].module is not None and not self._is_done(parent)
                       and parent not in active and parent not in stages]
         if waiting_on and not dry_run:
@@ -212,7 +221,7 @@ class Orchestrator:
         tasks = module.plan(self.ctx, **self._plan_options.get(stage, {}))
         if not tasks:
             return StageOutcome(stage, "skipped-done", "nothing left to compute")
-        after = [active[parent] for parent in upstream(stage, list(active) + stages) if parent in active]
+        after = [active[parent] for parent in upstream(stage, list(active) + stages, self.ctx) if parent in active]
         resources = self.pipeline.resources(stage)
         if dry_run:
             script = self.scheduler.sbatch_script(stage, tasks, resources, after)

@@ -122,3 +122,15 @@ def test_resume_with_another_world_size_says_what_to_do(tmp_path):
     settings = TrainSettings(8, 2, 1e-3, 0.03, 0, 1, 1.0, None, 0, "fp32", False, 10, 2, 3)
     with pytest.raises(ResumeError, match="written by 2 process.*this job has 4.*--force"):
         _resume(None, tmp_path / "checkpoints", Env, settings)
+
+
+def test_generate_waits_on_the_stage_whose_model_it_uses(tmp_path):
+    from llava_hpc.stages import StageContext, needs, upstream
+
+    path = train_pipeline(tmp_path, "run")
+    ctx = StageContext(load_pipeline(path), RunDir(tmp_path / "run"))
+    assert needs("generate", ctx) == ("stage2",)
+    assert upstream("report", ["features", "stage1", "stage2"], ctx) == ["stage2"]
+    ctx.pipeline.stages.generate.model = "stage1"
+    assert needs("generate", ctx) == ("stage1",)
+    assert upstream("report", ["features", "stage1", "stage2"], ctx) == ["stage1"]

@@ -6,6 +6,8 @@ Each stage is a module with:
     is_done(ctx) -> bool        whether its `_SUCCESS` marker(s) exist
     progress(ctx) -> str | None optional: a short progress note for `status` (e.g. "37/40 shards")
     reset(ctx)                  optional: what `--force` removes besides the `_SUCCESS` markers
+    needs(ctx) -> [stage]       optional: the stages it reads from when that depends on the pipeline
+                                (generate reads stage1's model or stage2's); default: StageInfo.after
 Stages never import one another: they meet in the run directory.
 """
 
@@ -80,12 +82,18 @@ def stage_module(name: str) -> ModuleType:
     return importlib.import_module(info.module)
 
 
-def upstream(name: str, wanted: list[str]) -> list[str]:
+def needs(name: str, ctx: StageContext) -> tuple[str, ...]:
+    """The stages `name` reads from in this pipeline."""
+    module = stage_module(name) if STAGES[name].module is not None else None
+    return tuple(module.needs(ctx)) if hasattr(module, "needs") else STAGES[name].after
+
+
+def upstream(name: str, wanted: list[str], ctx: StageContext) -> list[str]:
     """The stages in `wanted` that `name` depends on, directly or through stages not in `wanted`."""
     found: list[str] = []
-    for parent in STAGES[name].after:
+    for parent in needs(name, ctx):
         if parent in wanted:
             found.append(parent)
         else:
-            found.extend(upstream(parent, wanted))
-    return found
+            found.extend(upstream(parent, wanted, ctx))
+    return list(dict.fromkeys(found))

@@ -58,6 +58,11 @@ def is_done(ctx: StageContext) -> bool:
     return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.generate_benches())
 
 
+def needs(ctx: StageContext) -> list[str]:
+    """Answers come from the stage-2 model, or from the stage-1 projector on the base LLM."""
+    return [ctx.pipeline.stages.generate.model]
+
+
 def reset(ctx: StageContext) -> None:
     """--force: forget finished chunks too, so every answer is generated again."""
     for name in ctx.pipeline.generate_benches():

@@ -1,0 +1,133 @@
+"""The training benchmarks run and print sane tables: benchmarks/gpu/bench_gpu.py at tiny size on the CPU (how
+CI checks the script that is meant for a lent GPU), and benchmarks/bench_train.py in its quick mode. No timing
+asserts: only that every row is there, finished, and holds positive numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_GPU = REPO / "benchmarks" / "gpu" / "bench_gpu.py"
+BENCH_TRAIN = REPO / "benchmarks" / "bench_train.py"
+
+GPU_ROWS = [
+    "stage1 features", "stage1 pixels", "stage2 features", "stage2 pixels",
+    "generate b1", "generate b32", "decode (1 core)",
+    "stage1 features/pixels", "stage2 features/pixels",
+]
+
+
+def load_bench_gpu():
+    if "bench_gpu" in sys.modules:
+        return sys.modules["bench_gpu"]
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH_GPU)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_tiny_prints_every_row(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH_GPU), "--tiny", "--peak-tflops", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,  # not the repo root: the script finds it
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == GPU_ROWS
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row["status"])
+        assert row["name"] in done.stdout
+        for key in ("steps_per_s", "samples_per_s", "peak_mem_gib"):
+            assert row[key] is not None and row[key] > 0 and row[key] == row[key], (name, key, row[key])
+    for name in GPU_ROWS[:4]:  # training: tokens, model FLOPs and MFU against the given peak
+        row = rows[name]
+        assert row["steps"] >= 3 and row["tokens_per_s"] > 0 and row["flops_per_step"] > 0
+        assert 0 < row["mfu"] < 1 and row["tflops"] == pytest.approx(row["mfu"] * 1.0)
+        assert row["samples_per_s"] == pytest.approx(row["steps_per_s"] * row["batch"])
+    # The reference's path does the project's work plus the CLIP forward.
+    assert rows["stage1 pixels"]["flops_per_step"] > rows["stage1 features"]["flops_per_step"]
+    for name in ("generate b1", "generate b32"):
+        assert rows[name]["tokens_per_s"] > 0
+    assert rows["generate b32"]["batch"] == 32
+    assert "workers" in rows["decode (1 core)"]["notes"]
+    markdown = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in markdown for name in GPU_ROWS)
+
+
+def test_bench_gpu_flop_formula_matches_the_real_shapes():
+    """N is the Llama-3.2-1B count (1.236 B with the tied head once); stage 2 - stage 1 is exactly the weight
+    gradients (2NT) at equal batch and length; the model built from the real config has exactly N weights."""
+    bench = load_bench_gpu()
+    shapes = bench.REAL
+    n = bench.llm_matmul_weights(shapes)
+    assert n == 1_235_746_816
+    assert bench.linear_weights(bench.build_llm(shapes, torch.device("meta"))) == n
+    batch, seq = 8, 1024
+    stage1 = bench.train_flops(shapes, "stage1", "features", batch, seq)
+    stage2 = bench.train_flops(shapes, "stage2", "features", batch, seq)
+    assert stage2 - stage1 == 2 * n * batch * seq
+    assert stage1 == pytest.approx(4 * n * batch * seq, rel=0.05)  # attention and projector are a few percent
+    pixels = bench.train_flops(shapes, "stage1", "pixels", batch, seq)
+    assert pixels - stage1 == pytest.approx(batch * 2 * 303e6 * 577, rel=0.15)  # CLIP-L forward per image
+
+
+def test_bench_gpu_reports_oom_and_errors_per_row_and_goes_on():
+    bench = load_bench_gpu()
+    ctx = bench.Context(bench.TINY, torch.device("cpu"), row_budget_s=0.1, peak_tflops=None)
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def broken():
+        raise ValueError("shapes do not fit")
+
+    assert bench.run_row("stage2 features", out_of_memory, ctx).status == "OOM"
+    row = bench.run_row("stage2 pixels", broken, ctx)
+    assert row.status.startswith("error: ValueError: shapes do not fit") and row.name == "stage2 pixels"
+
+
+def test_bench_gpu_deadline_skips_rows(tmp_path):
+    bench = load_bench_gpu()
+    out = tmp_path / "gpu.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--tiny", "--deadline-s", "0", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --tiny sets one thread for the process
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["status"] for row in rows] == ["skipped (deadline)"] * 7
+
+
+@pytest.mark.slow
+def test_bench_train_quick_has_ratio_rows(tmp_path):
+    out = tmp_path / "train.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH_TRAIN), "--quick", "--device", "cpu", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(row["stage"], row["path"]) for row in rows] == [
+        ("stage1", "features"), ("stage1", "pixels"), ("stage1", "ratio"),
+        ("stage2", "features"), ("stage2", "pixels"), ("stage2", "ratio"),
+    ]
+    for row in rows:
+        for key in ("steps_per_s", "samples_per_s", "peak_mem_mib"):
+            assert row[key] > 0, (row["stage"], row["path"], key)
+        if row["path"] != "ratio":
+            assert row["size"] == "tiny" and row["batch_size"] == 64
+            assert row["peak_mem_mib"] > row["rss_after_imports_mib"] > 0
+    # Stage 1 trains the projector only; stage 2 the LLM as well.
+    by = {(row["stage"], row["path"]): row for row in rows}
+    assert by["stage1", "features"]["trainable_params"] < by["stage2", "features"]["trainable_params"]
+    assert by["stage1", "features"]["trainable_params"] == by["stage1", "pixels"]["trainable_params"]
+    assert done.stdout.count("ratio f/p") == 2
