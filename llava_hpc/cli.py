@@ -191,7 +191,7 @@ def _status_table(rows, run: RunDir) -> Table:
     for column in ("stage", "state", "job", "tasks", "elapsed", "GPU-h", "progress / reason"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        style = STATE_STYLE.get(row.state.split()[0], "")
+        style = STATE_STYLE.get(row.state) or STATE_STYLE.get(row.state.split()[0], "white")
         job = row.job_ids[0].split("_")[0] if row.job_ids else "-"
         tasks = f"{row.tasks_done}/{row.tasks_total}" if row.tasks_total else "-"
         note = " ".join(x for x in (row.progress or "", row.reason) if x)

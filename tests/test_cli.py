@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from conftest import small_pipeline_dict, write_pipeline
 from typer.testing import CliRunner
 
@@ -95,6 +97,24 @@ def test_run_on_debug_executor_and_status(small_pipeline):
 def test_status_before_anything_was_submitted(small_pipeline):
     result = invoke("status", "-p", str(small_pipeline), "--json")
     assert json.loads(result.output)[0]["state"] == "not submitted"
+    table = invoke("status", "-p", str(small_pipeline))  # the table a person reads, every state styled
+    assert table.exit_code == 0, table.output
+    assert "not submitted" in table.output and "features" in table.output
+
+
+@pytest.mark.parametrize("state", ["not submitted", "submitted", "pending", "running", "running (requeued)",
+                                   "requeued", "done", "failed", "cancelled"])
+def test_status_table_renders_every_state(state, tmp_path):
+    from rich.console import Console
+
+    from llava_hpc.cli import _status_table
+    from llava_hpc.orchestrate import StageStatus
+    from llava_hpc.rundir import RunDir
+
+    console = Console(record=True, width=200)
+    console.print(_status_table([StageStatus("features", state, ["7_0"], 1, 2, 65, 0.5, "x: 1/2 shards", "why",
+                                             "/logs/x.err")], RunDir(tmp_path)))
+    assert state in console.export_text()
 
 
 def test_cancel_with_nothing_submitted(small_pipeline):
