@@ -94,18 +94,26 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSON-lines file; a malformed line is an error naming the file and the line."""
+def read_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON object
+    raises `error` naming the file and the line."""
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{number}: expected a JSON object, got a {type(row).__name__}")
+            rows.append((number, row))
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl_objects(path)]
 
 
 @dataclass

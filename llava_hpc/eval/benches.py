@@ -13,13 +13,13 @@ Kinds:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from llava_hpc.rundir import read_jsonl_objects
 from llava_hpc.config import Bench, Pipeline
 from llava_hpc.stages.common import BadRecord, synthetic_world
 
@@ -121,27 +121,18 @@ def read_questions(path: str | Path) -> list[dict]:
     path = Path(path)
     questions: list[dict] = []
     seen: set = set()
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                question = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(question, dict):
-                raise BenchFileError(f"{path}:{number}: expected a JSON object, got a {type(question).__name__}")
-            missing = [key for key in QUESTION_FIELDS if key not in question]
-            if missing:
-                raise BenchFileError(f"{path}:{number}: missing {', '.join(missing)}")
-            if not isinstance(question["text"], str):
-                raise BenchFileError(f"{path}:{number}: 'text' must be a string")
-            if question["image"] is not None and (not isinstance(question["image"], str) or not question["image"]):
-                raise BenchFileError(f"{path}:{number}: 'image' must be a non-empty string or null")
-            if question["question_id"] in seen:
-                raise BenchFileError(f"{path}:{number}: question_id {question['question_id']!r} appears twice")
-            seen.add(question["question_id"])
-            questions.append({key: question[key] for key in QUESTION_FIELDS})
+    for number, question in read_jsonl_objects(path, BenchFileError):
+        missing = [key for key in QUESTION_FIELDS if key not in question]
+        if missing:
+            raise BenchFileError(f"{path}:{number}: missing {', '.join(missing)}")
+        if not isinstance(question["text"], str):
+            raise BenchFileError(f"{path}:{number}: 'text' must be a string")
+        if question["image"] is not None and (not isinstance(question["image"], str) or not question["image"]):
+            raise BenchFileError(f"{path}:{number}: 'image' must be a non-empty string or null")
+        if question["question_id"] in seen:
+            raise BenchFileError(f"{path}:{number}: question_id {question['question_id']!r} appears twice")
+        seen.add(question["question_id"])
+        questions.append({key: question[key] for key in QUESTION_FIELDS})
     return questions
 
 

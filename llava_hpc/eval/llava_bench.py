@@ -31,6 +31,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from llava_hpc.rundir import read_jsonl_objects
+
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 WILD_CATEGORY_PREFIX = "llava_bench_"
 FOLDER_CONTEXT = "The image the question is about is attached."
@@ -58,20 +60,7 @@ class BenchTableError(ValueError):
 # ------------------------------------------------------------------------------------------------ tables
 def read_table(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each line of a JSON-lines table; a malformed line fails with file:line."""
-    path = Path(path)
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchTableError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise BenchTableError(f"{path}:{number}: expected a JSON object, got a {type(row).__name__}")
-            rows.append((number, row))
-    return rows
+    return read_jsonl_objects(Path(path), BenchTableError)
 
 
 def read_reference_answers(path: str | Path) -> dict:

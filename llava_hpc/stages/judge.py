@@ -60,7 +60,7 @@ from llava_hpc.eval.llava_bench import (
     rule_for,
     user_message,
 )
-from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
+from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl, read_jsonl_objects
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import BadRecord
 
@@ -143,31 +143,22 @@ def read_candidate_answers(path: Path, question_ids: set) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no answers to judge (run the generate stage first)")
     answers = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnswersFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise AnswersFileError(f"{path}:{number}: expected a JSON object, got a {type(row).__name__}")
-            for field in ("question_id", "text"):
-                if field not in row:
-                    raise AnswersFileError(f"{path}:{number}: answer has no '{field}' field")
-            if not isinstance(row["text"], str):
-                raise AnswersFileError(f"{path}:{number}: field 'text' must be a string")
-            question_id = row["question_id"]
-            if question_id not in question_ids:
-                raise AnswersFileError(
-                    f"{path}:{number}: question_id {question_id!r} is not a question of this bench as it is now "
-                    "(was the bench changed after generate? resubmit generate with --force)"
-                )
-            if question_id in answers:
-                raise AnswersFileError(f"{path}:{number}: question_id {question_id!r} is answered twice")
-            answers[question_id] = {"text": row["text"], "answer_id": row.get("answer_id", question_id),
-                                    "model_id": row.get("model_id", "unknown")}
+    for number, row in read_jsonl_objects(path, AnswersFileError):
+        for field in ("question_id", "text"):
+            if field not in row:
+                raise AnswersFileError(f"{path}:{number}: answer has no '{field}' field")
+        if not isinstance(row["text"], str):
+            raise AnswersFileError(f"{path}:{number}: field 'text' must be a string")
+        question_id = row["question_id"]
+        if question_id not in question_ids:
+            raise AnswersFileError(
+                f"{path}:{number}: question_id {question_id!r} is not a question of this bench as it is now "
+                "(was the bench changed after generate? resubmit generate with --force)"
+            )
+        if question_id in answers:
+            raise AnswersFileError(f"{path}:{number}: question_id {question_id!r} is answered twice")
+        answers[question_id] = {"text": row["text"], "answer_id": row.get("answer_id", question_id),
+                                "model_id": row.get("model_id", "unknown")}
     return answers
 
 
