@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from llava_hpc.rundir import read_jsonl_objects
 from llava_hpc.config import Bench, Pipeline
-from llava_hpc.stages.common import BadRecord, synthetic_world
+from llava_hpc.stages.common import BadRecord, open_image, synthetic_world
 
 COCO_PREFIX = "COCO_val2014_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -134,23 +134,3 @@ def read_questions(path: str | Path) -> list[dict]:
         seen.add(question["question_id"])
         questions.append({key: question[key] for key in QUESTION_FIELDS})
     return questions
-
-
-def open_image(root: Path, candidates: list[str]) -> Image.Image:
-    """The first candidate name that exists under `root`, decoded as RGB."""
-    root = root.resolve()
-    tried = []
-    for relative in candidates:
-        path = (root / relative).resolve()
-        if not path.is_relative_to(root):
-            raise BadRecord(f"image path {relative!r} escapes the bench's image folder {root}")
-        if path.is_file():
-            try:
-                with Image.open(path) as image:
-                    image.load()
-                    return image.convert("RGB")
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                raise BadRecord(f"corrupt image {path}: {exc}") from None
-        tried.append(str(path))
-    also = f" (also tried {', '.join(tried[1:])})" if len(tried) > 1 else ""
-    raise FileNotFoundError(f"image file missing: {tried[0]}{also}")

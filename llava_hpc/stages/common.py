@@ -130,17 +130,32 @@ class ImageLoader:
                 return self.world.load_image(relative)
             except ValueError as exc:
                 raise BadRecord(str(exc)) from None
-        path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root):
-            raise BadRecord(f"image path {relative!r} escapes the image root {self.root}")
-        if not path.is_file():
-            raise BadRecord(f"image file missing: {path}")
         try:
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise BadRecord(f"corrupt image {path}: {exc}") from None
+            return open_image(self.root, [relative])
+        except FileNotFoundError as exc:  # a training record with no image is skipped and reported, like a bad one
+            raise BadRecord(str(exc)) from None
+
+
+def open_image(root: Path, candidates: list[str]) -> Image.Image:
+    """The first candidate name that exists under `root`, decoded as RGB. A name that resolves outside `root`
+    (`..`, an absolute path, a symlink out) or a file that does not decode is a BadRecord; none existing is
+    FileNotFoundError naming every path tried."""
+    root = Path(root).resolve()
+    tried = []
+    for relative in candidates:
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise BadRecord(f"image path {relative!r} escapes the image root {root}")
+        if path.is_file():
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    return image.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                raise BadRecord(f"corrupt image {path}: {exc}") from None
+        tried.append(str(path))
+    also = f" (also tried {', '.join(tried[1:])})" if len(tried) > 1 else ""
+    raise FileNotFoundError(f"image file missing: {tried[0]}{also}")
 
 
 def stage1_projector_path(run) -> Path:
