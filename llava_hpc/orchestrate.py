@@ -170,7 +170,7 @@ class Orchestrator:
             self.run.create()
             atomic_write_text(self.run.pipeline_file, self.pipeline.to_toml())
         outcomes: list[StageOutcome] = []
-        active: dict[str, Submission] = self._active_submissions()
+        active: dict[str, Submission] = self._active_submissions(dry_run)
         for stage in stages:
             outcome = self._submit_stage(stage, stages, force, dry_run, active)
             outcomes.append(outcome)
@@ -189,17 +189,46 @@ class Orchestrator:
                         break
         return outcomes
 
-    def _active_submissions(self) -> dict[str, Submission]:
-        """Latest submissions whose jobs are still queued or running: resubmitting them would double the work."""
-        latest = {stage: self.run.latest_submission(stage) for stage in ORDER}
-        live = [s for s in latest.values() if s is not None and s.executor == "slurm"]
+    def _active_submissions(self, dry_run: bool = False) -> dict[str, Submission]:
+        """Latest submissions whose jobs are still queued or running and can still succeed: resubmitting them would
+        double the work. One that can no longer succeed (a task of it failed, or of a job it waits on `afterok`) is
+        not active: its stage is resubmitted for what is left, and its jobs still waiting on that dependency are
+        cancelled here (many clusters leave them pending forever, reason DependencyNeverSatisfied)."""
+        submissions = self.run.submissions()
+        latest = {s.stage: s for s in submissions}  # jobs.jsonl is in submission order: the last one wins
+        live = [s for s in latest.values() if s.executor == "slurm"]
+        self._replaced: dict[str, str] = {}
         if not live:
             return {}
-        states = self.scheduler.query(live)
-        return {
-            s.stage: s for s in live
-            if any(states.get(j, TaskState(j)).state in ACTIVE_STATES for j in s.job_ids)
-        }
+        by_job = {s.array_job_id: s for s in submissions if s.executor == "slurm"}
+        dependencies = {by_job[j].array_job_id: by_job[j] for s in live for j in s.depends_on if j in by_job}
+        queried = {s.array_job_id: s for s in [*live, *dependencies.values()]}
+        states = self.scheduler.query(list(queried.values()))
+        tasks_of = {job: [states.get(j, TaskState(j)) for j in s.job_ids] for job, s in queried.items()}
+
+        def doomed(job: str, seen: frozenset = frozenset()) -> bool:
+            tasks = tasks_of.get(job)
+            if tasks is None or job in seen:
+                return False  # a dependency older than anything queried here ended long ago
+            if any(t.state in FAILED_STATES or t.state.startswith("CANCELLED") for t in tasks):
+                return True
+            if any(t.reason.startswith("DependencyNeverSatisfied") for t in tasks):
+                return True
+            if all(t.state == "COMPLETED" for t in tasks):
+                return False
+            return any(doomed(dep, seen | {job}) for dep in queried[job].depends_on)
+
+        active = {}
+        for s in live:
+            tasks = tasks_of[s.array_job_id]
+            if not any(t.state in ACTIVE_STATES for t in tasks):
+                continue
+            if not doomed(s.array_job_id):
+                active[s.stage] = s
+            elif not dry_run and all(t.state == "PENDING" or t.finished for t in tasks):
+                self.scheduler.cancel([s])
+                self._replaced[s.stage] = s.array_job_id
+        return active
 
     def _submit_stage(self, stage, stages, force, dry_run, active) -> StageOutcome:
         module = stage_module(stage)
@@ -229,6 +258,8 @@ class Orchestrator:
         submission = self.scheduler.submit(stage, tasks, resources, after, STAGES[stage].checkpointable)
         kind = f"array of {len(tasks)}" if len(tasks) > 1 else "job"
         deps = f", afterok {','.join(submission.depends_on)}" if submission.depends_on else ""
+        if stage in self._replaced:
+            deps += f" (cancelled job {self._replaced[stage]}: it waited on a job that failed)"
         return StageOutcome(stage, "submitted", f"{kind} {submission.array_job_id}{deps}", submission)
 
     def _clear_done(self, stage: str) -> None:

@@ -42,11 +42,49 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+class DiskFullError(OSError):
+    """A write ran out of space (or quota). Raised with the file's name instead of the writer's own error, which for
+    some writers (torch.save) does not say so."""
+
+
+# Below this much free space when a write fails, the failure is the full disk's, whatever the writer said.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def is_disk_full(exc: BaseException, directory: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text:
+        return True
+    free = _free_bytes(directory)
+    return isinstance(exc, Exception) and free is not None and free < _NEARLY_FULL_BYTES
+
+
+def disk_full_error(target: Path, exc: BaseException) -> DiskFullError:
+    free = _free_bytes(Path(target).parent)
+    return DiskFullError(
+        errno.ENOSPC,
+        f"{target}: no space left on the device (or quota) while writing it ({type(exc).__name__}: {exc}); "
+        f"{'unknown' if free is None else f'{free / 2**20:.1f} MiB'} free there now. The partial file was removed and "
+        "nothing was marked done: free space or raise the quota, then resubmit; finished work is kept.",
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is fsynced and renamed onto `target`.
 
-    On any error (a full disk included) the temporary file is removed and `target` is untouched."""
+    On any error the temporary file is removed and `target` is untouched; a full disk or quota is reported as
+    DiskFullError naming `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -58,9 +96,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = not isinstance(exc, DiskFullError) and is_disk_full(exc, target.parent)
         with contextlib.suppress(FileNotFoundError):
+            # Truncate first: a writer that failed may still hold the file open (torch.save's does, through the
+            # traceback), and an unlinked open file keeps its blocks, leaving no room even for the error message.
+            os.truncate(tmp, 0)
             tmp.unlink()
+        if full:
+            raise disk_full_error(target, exc) from exc
         raise
 
 
@@ -88,8 +132,16 @@ def append_jsonl(path: Path, row: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, size)  # never leave half a line for readers to trip on
+            if is_disk_full(exc, path.parent):
+                raise disk_full_error(path, exc) from exc
+            raise
     finally:
         os.close(fd)
 

@@ -281,6 +281,8 @@ class Scheduler:
                 if len(parts) < 4 or parts[0] not in states:
                     continue
                 entry = states[parts[0]]
+                if parts[1] == "COMPLETING" and entry.finished:
+                    continue  # accounting already has how it ended (FAILED, say): keep that, it is what matters
                 entry.state = parts[1]
                 entry.elapsed_s = max(entry.elapsed_s, _clock_to_seconds(parts[2]))
                 entry.reason = "" if parts[3] in ("None", "") else parts[3]
@@ -297,6 +299,11 @@ class Scheduler:
         job_id = submission.job_ids[position]
         entry = TaskState(job_id)
         paths = submitit.core.utils.JobPaths(submission.log_folder, job_id=job_id, task_id=0)
+        if not Path(submission.log_folder).resolve().is_relative_to(self.run.root.resolve()):
+            # jobs.jsonl is only a text file: a log folder it names outside the run directory (a moved run, an
+            # edited file) is never unpickled
+            entry.state = "UNKNOWN"
+            return entry
         if paths.result_pickle.exists():
             try:
                 with open(paths.result_pickle, "rb") as f:  # written by our own job, inside the run directory

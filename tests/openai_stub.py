@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -84,7 +85,8 @@ class StubScript:
 
 
 class OpenAIStub:
-    def __init__(self):
+    def __init__(self, port: int = 0):
+        """`port` 0 picks a free one; a test that takes the endpoint down and brings it back passes the old one."""
         self.script = StubScript()
         self.log: list[dict] = []
         self.files: dict[str, dict] = {}
@@ -96,7 +98,8 @@ class OpenAIStub:
         self.max_in_flight = 0  # the most chat requests the stub was serving at once
         self._ids = itertools.count(1)
         self._release = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._connections: set = set()
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -111,9 +114,17 @@ class OpenAIStub:
         return self
 
     def stop(self) -> None:
+        """Down, as a crashed server is: no new connections, and the kept-alive ones are cut too."""
         self._release.set()
         self._server.shutdown()
         self._server.server_close()
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> OpenAIStub:
         return self.start()
@@ -219,6 +230,16 @@ class OpenAIStub:
 
             def log_message(self, *args):  # quiet test output
                 pass
+
+            def setup(self):
+                super().setup()
+                with stub._lock:
+                    stub._connections.add(self.connection)
+
+            def finish(self):
+                with stub._lock:
+                    stub._connections.discard(self.connection)
+                super().finish()
 
             def _send(self, status: int, payload: dict | bytes, headers: dict | None = None) -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()

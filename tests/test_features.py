@@ -184,3 +184,29 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(small_pipeline):
     orchestrator.submit("features")
     assert not stale.exists()
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_corrupt_shard_is_quarantined_and_only_it_is_recomputed(small_pipeline):
+    """What training does on a failed checksum (FeatureStore(verify=True)): the shard goes to quarantine/, the
+    dataset is no longer done, and the next features run recomputes exactly that shard, byte for byte."""
+    orchestrator, pipeline = _orchestrator(small_pipeline)
+    orchestrator.submit("features")
+    out = pipeline.run_dir / "features" / "pretrain"
+    shard = out / "part-00001.parquet"
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=r"part-00001.parquet: checksum .*moved to .*quarantine.*Resubmit"):
+        FeatureStore(out, verify=True)
+    assert not shard.exists() and not (out / "part-00001.json").exists()
+    assert not (out / "_SUCCESS").exists()
+    quarantined = read_jsonl(out / "quarantine" / "quarantined.jsonl")
+    assert quarantined[0]["shard"] == "part-00001.parquet" and "checksum" in quarantined[0]["reason"]
+    assert (out / "quarantine" / quarantined[0]["moved_to"]).read_bytes() == bytes(data)  # kept for a post-mortem
+
+    tasks = features_stage.plan(StageContext(pipeline, orchestrator.run))
+    assert [t.payload for t in tasks] == [{"dataset": "pretrain", "shards": [1]}]
+    orchestrator.submit("features")
+    assert shard.read_bytes() == original and (out / "_SUCCESS").exists()
+    FeatureStore(out, verify=True)

@@ -117,3 +117,47 @@ def test_private_umask_keeps_files_from_others(tmp_path):
         assert mode & 0o007 == 0
     finally:
         os.umask(old)
+
+
+def test_full_disk_is_named_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Some writers do not say the disk is full (torch.save: "unexpected pos"); the free space does."""
+    import llava_hpc.rundir as rundir
+
+    target = tmp_path / "state.pt"
+    monkeypatch.setattr(rundir, "_free_bytes", lambda directory: 0)
+    with pytest.raises(rundir.DiskFullError, match=r"state.pt: no space left on the device .*RuntimeError: .*unexpected pos"):
+        with rundir.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_errors_stay_what_they_are(tmp_path):
+    from llava_hpc.rundir import atomic_path
+
+    with pytest.raises(ValueError, match="not a disk problem"):
+        with atomic_path(tmp_path / "x.json"):
+            raise ValueError("not a disk problem")
+
+
+def test_append_on_a_full_disk_never_leaves_half_a_line(tmp_path, monkeypatch):
+    import errno
+    import os as real_os
+
+    import llava_hpc.rundir as rundir
+
+    path = tmp_path / "metrics.jsonl"
+    rundir.append_jsonl(path, {"step": 1})
+    before = path.read_bytes()
+    write = real_os.write
+
+    def half_then_full(fd, data):
+        write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "write", half_then_full)
+    with pytest.raises(rundir.DiskFullError, match="metrics.jsonl: no space left"):
+        rundir.append_jsonl(path, {"step": 2, "loss": 0.5})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert rundir.read_jsonl(path) == [{"step": 1}]

@@ -95,3 +95,43 @@ def test_unknown_executor_is_refused(tmp_path):
 
     with pytest.raises(SchedulerError, match="unknown executor 'pbs'"):
         Scheduler(RunDir(tmp_path), "pbs")
+
+
+def test_a_failed_task_still_completing_stays_failed(monkeypatch, tmp_path):
+    """Right after a task dies squeue may still list it COMPLETING: accounting's FAILED is what matters (a resubmit
+    in that second would otherwise take the dead job for a live one)."""
+    scheduler = Scheduler(RunDir(tmp_path), "slurm")
+    fake_slurm(monkeypatch, scheduler, sacct="41_0|FAILED|8|cpu=1|0:9|None\n41_1|RUNNING|8|cpu=1|0:0|None\n",
+               squeue="41_0|COMPLETING|0:08|None\n41_1|RUNNING|0:08|None\n")
+    states = scheduler.query([submission(["41_0", "41_1"], tmp_path)])
+    assert states["41_0"].state == "FAILED" and states["41_1"].state == "RUNNING"
+
+
+def test_jobs_that_can_never_run_are_replaced_not_waited_for(monkeypatch, tmp_path):
+    """features: one task FAILED, one still RUNNING; stage1 PENDING afterok features; stage2 PENDING afterok stage1.
+    Neither is live: stage1 and stage2 (only pending) are cancelled, the running features task is left alone."""
+    from conftest import small_pipeline_dict, write_pipeline
+
+    from llava_hpc.config import load_pipeline
+    from llava_hpc.orchestrate import Orchestrator
+
+    pipeline = load_pipeline(write_pipeline(tmp_path / "p.toml", small_pipeline_dict(tmp_path / "run", executor="slurm")))
+    run = RunDir(pipeline.run_dir)
+    logs = str(run.root / "logs")
+    run.record_submission(Submission("features", "slurm", ["41_0", "41_1"], 2, time.time(), logs))
+    run.record_submission(Submission("stage1", "slurm", ["42"], 1, time.time(), logs, depends_on=["41"]))
+    run.record_submission(Submission("stage2", "slurm", ["43"], 1, time.time(), logs, depends_on=["41", "42"]))
+    orchestrator = Orchestrator(pipeline, run)
+    fake_slurm(monkeypatch, orchestrator.scheduler,
+               sacct="41_0|FAILED|8|cpu=1|0:9|None\n41_1|RUNNING|8|cpu=1|0:0|None\n",
+               squeue="41_1|RUNNING|0:08|None\n42|PENDING|0:00|Dependency\n43|PENDING|0:00|Dependency\n")
+    cancelled = []
+    monkeypatch.setattr(orchestrator.scheduler, "cancel", lambda subs: cancelled.extend(s.array_job_id for s in subs))
+    assert orchestrator._active_submissions() == {}
+    assert cancelled == ["42", "43"]
+
+    # While features is healthy, everything queued is live and nothing is cancelled.
+    cancelled.clear()
+    fake_slurm(monkeypatch, orchestrator.scheduler, sacct="",
+               squeue="41_0|RUNNING|0:08|None\n41_1|RUNNING|0:08|None\n42|PENDING|0:00|Dependency\n43|PENDING|0:00|Dependency\n")
+    assert set(orchestrator._active_submissions()) == {"features", "stage1", "stage2"} and cancelled == []

@@ -9,17 +9,21 @@ its row count, checksum and bad records beside it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llava_hpc.rundir import atomic_path, atomic_write_json
+from llava_hpc.rundir import SUCCESS, append_jsonl, atomic_path, atomic_write_json
 
 SHAPE_KEY = b"llava_hpc.features_shape"
+QUARANTINE = "quarantine"  # where shards that failed their checksum go: kept for a post-mortem, never read again
 
 
 class CorruptShardError(RuntimeError):
@@ -111,6 +115,29 @@ def verify_shard(path: Path) -> None:
         raise CorruptShardError(f"{path}: checksum {actual[:12]}... does not match {expected[:12]}... in {sidecar.name}")
 
 
+def quarantine_shard(path: Path, reason: str) -> Path | None:
+    """Move a shard that failed its checksum (and its sidecar) into `quarantine/` and withdraw the dataset's
+    `_SUCCESS`: the features stage then sees exactly that shard missing and recomputes it, nothing else.
+    Returns where the shard went; None when it was already gone (another rank moved it first)."""
+    path = Path(path)
+    directory = path.parent
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    destination = directory / QUARANTINE / f"{path.name}.{stamp}.{os.getpid()}"
+    destination.parent.mkdir(exist_ok=True)
+    # The done marker goes first: whatever happens next, the dataset is no longer claimed complete.
+    with contextlib.suppress(FileNotFoundError):
+        (directory / SUCCESS).unlink()
+    try:
+        os.rename(path, destination)
+    except FileNotFoundError:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path.with_suffix(".json"), destination.with_name(destination.name + ".json"))
+    append_jsonl(directory / QUARANTINE / "quarantined.jsonl",
+                 {"shard": path.name, "moved_to": destination.name, "reason": reason, "time": time.time()})
+    return destination
+
+
 def shard_paths(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("part-*.parquet"))
 
@@ -119,7 +146,10 @@ class FeatureStore:
     """All shards of one dataset's features, looked up by sample id.
 
     Loads every shard into memory (the tiny and synthetic sets are small; a real set should be read shard by
-    shard with `read_shard`)."""
+    shard with `read_shard`).
+
+    With `verify`, each shard is checked against the checksum in its sidecar first; one that fails is quarantined
+    (`quarantine_shard`) and CorruptShardError says how to get it recomputed."""
 
     def __init__(self, directory: Path, verify: bool = False):
         self.directory = Path(directory)
@@ -130,13 +160,30 @@ class FeatureStore:
         self._index: dict[str, tuple[int, int]] = {}
         self.images: dict[str, str] = {}
         for shard_number, path in enumerate(paths):
-            ids, images, features = read_shard(path, verify=verify)
+            if verify:
+                self._verify(path)
+            ids, images, features = read_shard(path)
             self._features.append(features)
             for row, (sample_id, image) in enumerate(zip(ids, images)):
                 self._index[sample_id] = (shard_number, row)
                 self.images[sample_id] = image
         first = self._features[0]
         self.num_patches, self.hidden_size = first.shape[1], first.shape[2]
+
+    @staticmethod
+    def _verify(path: Path) -> None:
+        try:
+            verify_shard(path)
+        except FileNotFoundError:
+            raise CorruptShardError(f"{path}: gone while reading (quarantined by another rank after a failed checksum); "
+                                    "resubmit (`llava-hpc submit all`) to recompute it") from None
+        except CorruptShardError as exc:
+            moved = quarantine_shard(path, str(exc))
+            where = f"moved to {moved}" if moved else "already quarantined"
+            raise CorruptShardError(
+                f"{exc}: the file changed after it was written ({where}; the features stage is no longer done). "
+                "Resubmit (`llava-hpc submit all`): only this shard is recomputed, then training resumes."
+            ) from None
 
     def __len__(self) -> int:
         return len(self._index)

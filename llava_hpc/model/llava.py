@@ -12,6 +12,7 @@ training jobs need no tower at all (`vision_tower=None`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,15 +46,20 @@ class LlavaMultiModalProjector(nn.Module):
         return hidden_states
 
 
+PROJECTOR_METADATA_KEY = "llava_hpc.projector"
+
+
 def save_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike) -> None:
     """safetensors with the projector type and sizes in its metadata, written atomically (stage 1's output)."""
     path = Path(path)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in projector.state_dict().items()}
-    metadata = {
+    description = {
         "projector_type": projector.projector_type,
-        "vision_hidden_size": str(projector.linear_1.in_features),
-        "text_hidden_size": str(projector.linear_1.out_features),
+        "vision_hidden_size": projector.linear_1.in_features,
+        "text_hidden_size": projector.linear_1.out_features,
     }
+    # One key: safetensors writes its metadata map in hash order, so several keys make the bytes differ run to run.
+    metadata = {PROJECTOR_METADATA_KEY: json.dumps(description, sort_keys=True)}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, temporary, metadata=metadata)
     os.replace(temporary, path)
@@ -62,6 +68,8 @@ def save_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike)
 def load_projector(path: str | os.PathLike) -> LlavaMultiModalProjector:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
+        if PROJECTOR_METADATA_KEY in metadata:
+            metadata = json.loads(metadata[PROJECTOR_METADATA_KEY])
         if "projector_type" not in metadata:
             raise ValueError(f"{path}: not a projector file (no projector_type in its safetensors metadata)")
         tensors = {name: f.get_tensor(name) for name in f.keys()}

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llava_hpc import faults
 from llava_hpc.data.features_io import shard_name, shard_paths, write_shard
 from llava_hpc.model.vision import build_vision_tower
 from llava_hpc.rundir import append_jsonl, atomic_write_json, atomic_write_jsonl
@@ -39,9 +40,6 @@ from llava_hpc.stages.common import (
 
 log = logging.getLogger("llava_hpc.features")
 
-# Fault-injection aid for the test suite: seconds to sleep after each shard, so a test can kill a task
-# between two shards. Unset in normal use.
-_FAULT_SLEEP_ENV = "LLAVA_HPC_FAULT_SLEEP_AFTER_SHARD"
 
 
 def output_dir(ctx: StageContext, dataset: str) -> Path:
@@ -163,7 +161,6 @@ def run(ctx: StageContext, task: Task) -> dict:
     device, dtype = compute_device()
     tower = build_vision_tower(vision_spec(ctx.pipeline), device=device, dtype=dtype)
     workers = int(os.environ.get("SLURM_CPUS_PER_TASK", "2"))
-    fault_sleep = float(os.environ.get(_FAULT_SLEEP_ENV, "0"))
 
     written = 0
     for shard in task.payload["shards"]:
@@ -185,8 +182,7 @@ def run(ctx: StageContext, task: Task) -> dict:
         )
         log.info("%s %s: %d rows, %d bad, %.1f img/s", dataset, target.name, len(ids), len(bad), len(chunk) / max(seconds, 1e-9))
         written += 1
-        if fault_sleep:
-            time.sleep(fault_sleep)
+        faults.pause("after_shard")
 
     finalized = finalize(ctx, dataset, n_items=len(items), text_only=text_only)
     return {"dataset": dataset, "shards_written": written, "dataset_done": finalized}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from llava_hpc import faults
 from llava_hpc.data.datasets import Collator, PromptDataset
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.eval.benches import BenchData, load_bench
@@ -311,6 +312,7 @@ def _generate_chunks(ctx: StageContext, data: BenchData, directory: Path, chunks
         log.info("%s chunk %d: %d answers, %d bad, %.1f new tokens/s", data.name, chunk, len(rows), len(bad),
                  new_tokens / max(finished - generating, 1e-9))
         bar.update(len(questions))
+        faults.pause("after_chunk")
     bar.close()
 
 

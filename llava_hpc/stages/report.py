@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+from llava_hpc import faults
 from llava_hpc.eval import exact_match, judged_report
 from llava_hpc.eval.benches import BenchData, load_bench
 from llava_hpc.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
@@ -51,6 +52,7 @@ def plan(ctx: StageContext) -> list[Task]:
 
 def run(ctx: StageContext, task: Task) -> dict:
     name = task.payload["bench"]
+    faults.pause("before_report")
     if not _is_exact(ctx, name):
         return _report_judged(ctx, name)
     data = _load_bench(ctx, name)

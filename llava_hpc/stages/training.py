@@ -94,7 +94,8 @@ def run_training(
     records = load_records(config.dataset, dataset_config, ctx.pipeline)
     if config.max_samples is not None:
         records = records[: config.max_samples]
-    store = FeatureStore(ctx.run.stage_dir("features") / config.dataset)
+    # Checksums are checked on every load: a shard corrupted on the shared filesystem must not train silently.
+    store = FeatureStore(ctx.run.stage_dir("features") / config.dataset, verify=True)
     template = ConversationTemplate(template_name, tokenizer)
     source = str(dataset_config.path) if dataset_config.path else f"synthetic {dataset_config.split}"
     dataset = FeatureConversationDataset(records, store, template, spec.max_length, config.overlong, source)

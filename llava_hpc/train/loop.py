@@ -29,15 +29,22 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_text
+from llava_hpc import faults
+from llava_hpc.rundir import (
+    DiskFullError,
+    is_disk_full,
+    append_jsonl,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    disk_full_error,
+)
 from llava_hpc.train import distributed
 
 log = logging.getLogger("llava_hpc.train")
 
 # Fault-injection aids for tests: exit the process (as a kill would) right after this optimizer step; sleep
 # after every step (so a test can preempt or time out a run of a few seconds mid-way).
-FAULT_EXIT_ENV = "LLAVA_HPC_FAULT_EXIT_AFTER_STEP"
-FAULT_SLEEP_ENV = "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP"
 COMPLETE = "_COMPLETE"
 
 
@@ -310,8 +317,7 @@ def train(
         # Steps after the checkpoint we resume from are done again: drop their rows so each step has one.
         kept = [line for line in metrics_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
         atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
-    fault_step = int(os.environ.get(FAULT_EXIT_ENV, "0")) or None
-    fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0"))
+    fault_step = faults.exit_after_step()
     log.info("%s: %d samples, %d steps (global batch %d = %d x %d x %d ranks), %s, %s, resuming at step %d",
              stage, len(dataset), total, stream.global_batch, settings.batch_size, settings.grad_accum,
              env.world_size, precision, type(engine).__name__, start)
@@ -347,8 +353,7 @@ def train(
         if fault_step is not None and done == fault_step and done < total:
             log.warning("fault injection: exiting after step %d", done)
             os._exit(3)
-        if fault_sleep:
-            time.sleep(fault_sleep)
+        faults.pause("after_step")
     progress.close()
     return TrainResult(total, start, loss_value, time.time() - started, engine)
 
@@ -359,9 +364,18 @@ def save_checkpoint(engine, checkpoints: Path, step: int, env, settings: TrainSe
         directory.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     client = {"step": step, "world_size": env.world_size, "zero_stage": settings.zero_stage}
-    engine.save(directory, client)
-    with atomic_path(directory / f"rng-rank{env.rank}.pt") as tmp:
-        torch.save(_rng_state(), tmp)
+    try:
+        engine.save(directory, client)
+        with atomic_path(directory / f"rng-rank{env.rank}.pt") as tmp:
+            torch.save(_rng_state(), tmp)
+    except BaseException as exc:
+        # Half a checkpoint is never resumed from (no _COMPLETE), but on a full disk its files hold the space
+        # the error message asks the user to free.
+        if env.is_main:
+            shutil.rmtree(directory, ignore_errors=True)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc, checkpoints):
+            raise disk_full_error(directory, exc) from exc
+        raise
     distributed.barrier()
     if env.is_main:
         atomic_write_json(directory / COMPLETE, client)
