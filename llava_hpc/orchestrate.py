@@ -239,8 +239,14 @@ class Orchestrator:
         if stage in active and not force:
             ids = ",".join(active[stage].job_ids[:3]) + ("..." if len(active[stage].job_ids) > 3 else "")
             return StageOutcome(stage, "skipped-active", f"already queued or running (job {ids}); --force to resubmit")
+        inputs_ready = getattr(module, "inputs_ready", None)
+        options = self._plan_options.get(stage, {})
+
+        def ready(parent: str) -> bool:
+            return inputs_ready(self.ctx, parent, **options) if inputs_ready else self._is_done(parent)
+
         waiting_on = [parent for parent in needs(stage, self.ctx)
-                      if STAGES[parent].module is not None and not self._is_done(parent)
+                      if STAGES[parent].module is not None and not ready(parent)
                       and parent not in active and parent not in stages]
         if waiting_on and not dry_run:
             return StageOutcome(stage, "failed", f"needs {', '.join(waiting_on)}, which is neither done nor queued: "

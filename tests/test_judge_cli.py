@@ -61,9 +61,12 @@ def test_dry_run_then_judge_locally_then_report(tmp_path, stub):
 
 def test_judge_submits_the_judge_job_for_that_bench(tmp_path, stub):
     ctx = coco_context(tmp_path, stub)
+    pipeline = str(tmp_path / "pipeline.toml")
+    refused = invoke("judge", "--bench", "llava-bench", "-p", pipeline, "--executor", "debug")
+    assert refused.exit_code == 1 and "needs generate, which is neither done nor queued" in refused.output
+    # Only that bench's answers are needed: the pipeline's other bench (synthetic) has none yet.
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()[:6]])
-    fake_generate(ctx, "synthetic", list(range(20)))
-    result = invoke("judge", "--bench", "llava-bench", "-p", str(tmp_path / "pipeline.toml"), "--executor", "debug")
+    result = invoke("judge", "--bench", "llava-bench", "-p", pipeline, "--executor", "debug")
     assert result.exit_code == 0, result.output
     assert "judge     submitted" in result.output
     assert ctx.run.is_done(ctx.run.stage_dir("judge") / "llava-bench")

@@ -8,6 +8,10 @@ Each stage is a module with:
     reset(ctx)                  optional: what `--force` removes besides the `_SUCCESS` markers
     needs(ctx) -> [stage]       optional: the stages it reads from when that depends on the pipeline
                                 (generate reads stage1's model or stage2's); default: StageInfo.after
+    inputs_ready(ctx, parent, **plan_options) -> bool
+                                optional: whether what it will read from `parent` is there, when that is less
+                                than all of `parent` (judge --bench X needs only X's answers); default:
+                                the parent's is_done
 Stages never import one another: they meet in the run directory.
 """
 

@@ -108,6 +108,13 @@ def plan(ctx: StageContext, benches: list[str] | None = None) -> list[Task]:
     ]
 
 
+def inputs_ready(ctx: StageContext, parent: str, benches: list[str] | None = None) -> bool:
+    """The answers of the benches it will judge, and only those: `judge --bench X` does not wait for the generation
+    of other benches (exact-match ones are never judged)."""
+    names = [name for name in judged_benches(ctx) if benches is None or name in benches]
+    return all(ctx.run.is_done(ctx.run.stage_dir(parent) / name) for name in names)
+
+
 def run(ctx: StageContext, task: Task) -> dict:
     return judge_bench(ctx, task.payload["bench"], local=False)
 
