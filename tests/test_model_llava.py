@@ -1,5 +1,7 @@
 """The LLaVA module: splicing, pixels vs features, training modes, batched generation, projector files."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -218,3 +220,16 @@ def test_projector_file_round_trip(tmp_path, kind):
     assert torch.equal(loaded(x), projector(x))
     with pytest.raises(ValueError, match="unknown projector"):
         LlavaMultiModalProjector("mlp3x_gelu", 64, 128)
+
+
+def test_failed_projector_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import llava_hpc.model.llava as llava
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(llava, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        llava.save_projector(llava.LlavaMultiModalProjector("linear", 8, 16), tmp_path / "projector.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -61,8 +61,12 @@ def save_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike)
     # One key: safetensors writes its metadata map in hash order, so several keys make the bytes differ run to run.
     metadata = {PROJECTOR_METADATA_KEY: json.dumps(description, sort_keys=True)}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, path)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk must not leave half a projector behind
+        raise
 
 
 def load_projector(path: str | os.PathLike) -> LlavaMultiModalProjector:
