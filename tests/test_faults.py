@@ -399,8 +399,9 @@ def test_node_crash_and_slurmd_restart_mid_stage(tmp_path, stub, images, clean):
     restarted: the job lives on. No resubmission is needed for either."""
     run = Run(tmp_path, stub.url, images, seed_from=clean.dir, stages_from=("features", "stage1"))
     # Slurm declares a job lost only if it started over ~20 s (BatchStartTimeout + MessageTimeout) before the node
-    # came back: stage 2 runs slowly enough to be crashed after that, with a checkpoint written.
-    run.submit_all({**SLOW, "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "5"})
+    # came back: stage 2 runs slowly enough to be crashed after that, with a checkpoint written. At 8 s a step its
+    # 6 steps take ~55 s, so the crash at ~25 s cannot miss the job on a fast machine.
+    run.submit_all({**SLOW, "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "8"})
     stage2_job, _ = wait_for(lambda: _progressed(run, "stage2") and _running_task(run, "stage2"), what="stage2 mid-work")
     wait_for(lambda: run.rows()["stage2"].elapsed_s >= 24, timeout=60, what="stage2 to run 24 s")
     restart_node(crash=True)
