@@ -291,6 +291,9 @@ class TrainStage(Strict):
     zero_stage: Literal[0, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    shuffle_window_shards: int = Field(
+        4, ge=1, description="feature shards shuffled together; a rank holds twice this many decoded shards in memory"
+    )
     slurm: ResourceOverrides = Field(default_factory=ResourceOverrides)
 
 

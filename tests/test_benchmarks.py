@@ -131,3 +131,18 @@ def test_bench_train_quick_has_ratio_rows(tmp_path):
     assert by["stage1", "features"]["trainable_params"] < by["stage2", "features"]["trainable_params"]
     assert by["stage1", "features"]["trainable_params"] == by["stage1", "pixels"]["trainable_params"]
     assert done.stdout.count("ratio f/p") == 2
+
+
+def test_bench_feature_store_quick_reads_the_same_features_both_ways(tmp_path):
+    out = tmp_path / "store.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_feature_store.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert list(rows) == ["all in RAM", "bounded store"] and "memory growth" in done.stdout
+    assert rows["all in RAM"]["checksum"] == rows["bounded store"]["checksum"]  # the same bits were read
+    for row in rows.values():
+        assert row["samples"] == 256 and row["seconds"] > 0 and row["peak_rss_mib"] > 0
+    # Window 2, cache 4: read shard-locally, each of the 8 shards is decoded once in the epoch.
+    assert rows["bounded store"]["shard_decodes"] == 8

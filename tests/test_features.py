@@ -11,7 +11,14 @@ from conftest import small_pipeline_dict, write_pipeline
 from PIL import Image
 
 from llava_hpc.config import load_pipeline
-from llava_hpc.data.features_io import CorruptShardError, FeatureStore, read_shard, shard_paths, verify_shard
+from llava_hpc.data.features_io import (
+    CorruptShardError,
+    FeatureStore,
+    read_shard,
+    shard_paths,
+    verify_shard,
+    write_shard,
+)
 from llava_hpc.model.vision import build_vision_tower
 from llava_hpc.orchestrate import Orchestrator
 from llava_hpc.rundir import RunDir, read_jsonl
@@ -198,7 +205,7 @@ def test_corrupt_shard_is_quarantined_and_only_it_is_recomputed(small_pipeline):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match=r"part-00001.parquet: checksum .*moved to .*quarantine.*Resubmit"):
-        FeatureStore(out, verify=True)
+        _read_every_sample(FeatureStore(out, verify=True))
     assert not shard.exists() and not (out / "part-00001.json").exists()
     assert not (out / "_SUCCESS").exists()
     quarantined = read_jsonl(out / "quarantine" / "quarantined.jsonl")
@@ -209,4 +216,52 @@ def test_corrupt_shard_is_quarantined_and_only_it_is_recomputed(small_pipeline):
     assert [t.payload for t in tasks] == [{"dataset": "pretrain", "shards": [1]}]
     orchestrator.submit("features")
     assert shard.read_bytes() == original and (out / "_SUCCESS").exists()
-    FeatureStore(out, verify=True)
+    _read_every_sample(FeatureStore(out, verify=True))
+
+
+def _read_every_sample(store: FeatureStore) -> None:
+    for sample_id in store.ids:
+        store.get(sample_id)
+
+
+def _shards(directory, shapes):
+    """Shards of 3 samples each, sample `s{shard}-{row}` filled with its shard number."""
+    for number, shape in enumerate(shapes):
+        ids = [f"s{number}-{row}" for row in range(3)]
+        write_shard(directory, number, ids, [f"{i}.png" for i in ids], np.full((3, *shape), number, np.float16), [])
+
+
+def test_store_decodes_shards_lazily_and_holds_at_most_its_cache(tmp_path):
+    """Opening reads only ids and image paths; features are decoded per shard when first asked for and at most
+    `cache_shards` decoded shards are held, least recently used dropped first."""
+    _shards(tmp_path, [(4, 2)] * 5)
+    store = FeatureStore(tmp_path, verify=True, cache_shards=2)
+    assert len(store) == 15 and store.shard_loads == 0 and (store.num_patches, store.hidden_size) == (4, 2)
+    assert store.images["s3-1"] == "s3-1.png" and store.shard_of("s3-1") == 3
+    for shard in range(5):
+        for row in range(3):
+            assert (store.get(f"s{shard}-{row}") == shard).all()
+    assert store.shard_loads == 5 and len(store._cache) == 2  # one decode per shard read in order
+    store.get("s3-0"), store.get("s4-2")  # the two newest are still held
+    assert store.shard_loads == 5
+    store.get("s0-0")  # dropped long ago: decoded again
+    assert store.shard_loads == 6
+    with pytest.raises(KeyError, match="no features for sample id 'nope'"):
+        store.get("nope")
+
+
+def test_store_refuses_shards_of_different_shapes(tmp_path):
+    _shards(tmp_path, [(4, 2), (4, 2), (5, 2)])
+    with pytest.raises(ValueError, match=r"part-00002.parquet: features of shape \[5, 2\], but part-00000.parquet"):
+        FeatureStore(tmp_path)
+
+
+def test_store_names_a_truncated_shard_and_quarantines_it_when_verifying(tmp_path):
+    _shards(tmp_path, [(4, 2)] * 2)
+    shard = tmp_path / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-20])  # the footer is gone: not even the ids can be read
+    with pytest.raises(CorruptShardError, match=r"part-00001.parquet: unreadable Parquet shard"):
+        FeatureStore(tmp_path)
+    with pytest.raises(CorruptShardError, match=r"part-00001.parquet: checksum .*moved to .*quarantine"):
+        FeatureStore(tmp_path, verify=True)
+    assert not shard.exists() and (tmp_path / "quarantine" / "quarantined.jsonl").exists()

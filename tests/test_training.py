@@ -33,6 +33,26 @@ def test_sample_stream_is_a_pure_function_of_seed_and_step():
     assert SampleStream(10, 4, seed=4).global_batch_indices(0) != steps[0]
 
 
+def test_sample_stream_reads_shard_by_shard_in_windows():
+    """With each sample's shard given, an epoch mixes `window` shards at a time: whole epochs still, every window's
+    stretch drawn from its own shards only (so a reader holds two windows of shards), reshuffled per epoch."""
+    groups = [i // 5 for i in range(40)]  # 8 shards of 5 samples
+    stream = SampleStream(40, 4, seed=1, groups=groups, window=2)
+    flat = [i for step in range(20) for i in stream.global_batch_indices(step)]
+    first, second = flat[:40], flat[40:]
+    assert sorted(first) == list(range(40)) and sorted(second) == list(range(40)) and first != second
+    for start in range(0, 40, 10):
+        assert len({groups[i] for i in first[start : start + 10]}) == 2
+    assert len({groups[i] for i in first[:10]} | {groups[i] for i in second[:10]}) > 2  # shard order reshuffled too
+    again = SampleStream(40, 4, seed=1, groups=groups, window=2)
+    assert [again.global_batch_indices(s) for s in reversed(range(20))][::-1] == [flat[s * 4 : s * 4 + 4] for s in range(20)]
+    # No more shards than the window: exactly the plain permutation (small runs keep their data order).
+    plain = SampleStream(40, 4, seed=1)
+    assert SampleStream(40, 4, seed=1, groups=groups, window=8).global_batch_indices(3) == plain.global_batch_indices(3)
+    with pytest.raises(ValueError, match="groups names 39 samples"):
+        SampleStream(40, 4, seed=1, groups=groups[:39])
+
+
 def test_total_steps():
     settings = TrainSettings(8, 2, 1e-3, 0.03, 0, 1, 1.0, None, 0, "fp32", False, 10, 2, 0)
     assert total_steps(100, settings, world_size=2) == 3  # floor(100 / 32)
@@ -54,8 +74,9 @@ def train_pipeline(tmp_path, name, **stage2):
         tmp_path / name,
         stages={
             "features": {"batch_size": 32, "shard_size": 32, "array_tasks": 1},
+            # Stage 1 reads its 2 shards one at a time (shard-local order); stage 2 its 2 shards mixed.
             "stage1": {"dataset": "pretrain", "batch_size": 16, "zero_stage": 0, "lr": 3e-3, "save_every_steps": 2,
-                       "epochs": 2},
+                       "epochs": 2, "shuffle_window_shards": 1},
             "stage2": {"dataset": "instruct", "batch_size": 8, "grad_accum": 2, "zero_stage": 0, "lr": 3e-3,
                        "save_every_steps": 2, "epochs": 2, **stage2},
         },
@@ -85,6 +106,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     _run_cli(broken, "submit", "stage1")  # resumes from step 2
     assert (tmp_path / "broken" / "stage1" / "_SUCCESS").exists()
     assert json.loads((tmp_path / "broken" / "stage1" / "summary.json").read_text())["resumed_from_step"] == 2
+    clean_stage1 = json.loads((tmp_path / "clean" / "stage1" / "summary.json").read_text())
+    assert clean_stage1["feature_shards"] == {"shards": 2, "window": 1, "decodes": 2}  # shard-local order, cached
     killed = _run_cli(broken, "submit", "stage2", env={"LLAVA_HPC_FAULT_EXIT_AFTER_STEP": "3"})
     assert killed.returncode != 0
     assert not (tmp_path / "broken" / "stage2" / "_SUCCESS").exists()

@@ -66,6 +66,8 @@ class FeatureConversationDataset(Dataset):
                 f"{store.directory}: none of the {len(encoded)} samples (e.g. {encoded[0].id!r}) has features"
             )
         self.lengths = [e.length(self.image_tokens) for e in self.samples]
+        # Each sample's feature shard (-1: text only), so training can read shard-locally (SampleStream).
+        self.groups = [store.shard_of(e.id) if e.num_images else -1 for e in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)

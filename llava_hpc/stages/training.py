@@ -34,6 +34,7 @@ def settings_of(stage: TrainStage) -> TrainSettings:
         gradient_checkpointing=stage.gradient_checkpointing, save_every_steps=stage.save_every_steps,
         keep_checkpoints=stage.keep_checkpoints, zero_stage=stage.zero_stage,
         offload_optimizer=stage.offload_optimizer, offload_params=stage.offload_params,
+        shuffle_window_shards=stage.shuffle_window_shards,
     )
 
 
@@ -94,8 +95,10 @@ def run_training(
     records = load_records(config.dataset, dataset_config, ctx.pipeline)
     if config.max_samples is not None:
         records = records[: config.max_samples]
-    # Checksums are checked on every load: a shard corrupted on the shared filesystem must not train silently.
-    store = FeatureStore(ctx.run.stage_dir("features") / config.dataset, verify=True)
+    # Checksums are checked as each shard is first loaded: a shard corrupted on the shared filesystem must not train
+    # silently. Two windows of shards are cached: a global batch that straddles two windows reads from both.
+    store = FeatureStore(ctx.run.stage_dir("features") / config.dataset, verify=True,
+                         cache_shards=2 * config.shuffle_window_shards)
     template = ConversationTemplate(template_name, tokenizer)
     source = str(dataset_config.path) if dataset_config.path else f"synthetic {dataset_config.split}"
     dataset = FeatureConversationDataset(records, store, template, spec.max_length, config.overlong, source)
@@ -111,6 +114,9 @@ def run_training(
             stage=stage, steps=result.steps, resumed_from_step=result.resumed_from, final_loss=result.final_loss,
             seconds=round(result.seconds, 1), world_size=env.world_size, template=template_name,
             samples=len(dataset), data=asdict(dataset.stats) | {"skipped_ids": dataset.stats.skipped_ids[:20]},
+            # How the features were read by this rank: about one decode per shard per epoch when shard-local.
+            feature_shards={"shards": len(store.paths), "window": config.shuffle_window_shards,
+                            "decodes": store.shard_loads},
         )
         atomic_write_json(out_dir / "summary.json", summary)
         ctx.run.mark_done(out_dir, {"steps": result.steps})

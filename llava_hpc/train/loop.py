@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -66,6 +66,7 @@ class TrainSettings:
     zero_stage: int  # 0: plain torch; 2, 3: DeepSpeed ZeRO
     offload_optimizer: bool = False
     offload_params: bool = False
+    shuffle_window_shards: int = 4  # data order: shards mixed at a time (SampleStream), so memory is bounded
 
 
 class ResumeError(RuntimeError):
@@ -82,16 +83,41 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 class SampleStream:
-    """Global sample order: epoch e is a permutation seeded by (seed, e); step s takes samples [s*G, (s+1)*G)."""
+    """Global sample order: epoch e is a permutation seeded by (seed, e); step s takes samples [s*G, (s+1)*G).
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int):
-        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+    With `groups` (each sample's feature shard) and more groups than `window`, an epoch is shard-local: the
+    shards are shuffled, cut into windows of `window` shards, and each window's samples are shuffled among
+    themselves. A reader then holds about two windows of shards in memory, never the whole dataset. With
+    `window` or fewer groups this is the plain permutation."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, groups: Sequence[int] | None = None,
+                 window: int = 1):
+        if groups is not None and len(groups) != num_samples:
+            raise ValueError(f"groups names {len(groups)} samples, the stream has {num_samples}")
+        if window < 1:
+            raise ValueError(f"the shuffle window must hold at least one shard, got {window}")
+        self.num_samples, self.global_batch, self.seed, self.window = num_samples, global_batch, seed, window
+        self._blocks: list[list[int]] = []
+        if groups is not None:
+            members: dict[int, list[int]] = {}
+            for index, group in enumerate(groups):
+                members.setdefault(group, []).append(index)
+            if len(members) > window:
+                self._blocks = [members[g] for g in sorted(members)]
         self._epoch, self._order = -1, []
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator).tolist()
+            if not self._blocks:
+                order = torch.randperm(self.num_samples, generator=generator).tolist()
+            else:
+                shuffled = [self._blocks[b] for b in torch.randperm(len(self._blocks), generator=generator).tolist()]
+                order = []
+                for start in range(0, len(shuffled), self.window):
+                    window = [i for block in shuffled[start : start + self.window] for i in block]
+                    order.extend(window[j] for j in torch.randperm(len(window), generator=generator).tolist())
+            self._epoch, self._order = epoch, order
         return self._order
 
     def global_batch_indices(self, step: int) -> list[int]:
@@ -310,7 +336,8 @@ def train(
 
     checkpoints = out_dir / "checkpoints"
     start = _resume(engine, checkpoints, env, settings)
-    stream = SampleStream(len(dataset), settings.batch_size * settings.grad_accum * env.world_size, settings.seed)
+    stream = SampleStream(len(dataset), settings.batch_size * settings.grad_accum * env.world_size, settings.seed,
+                          groups=getattr(dataset, "groups", None), window=settings.shuffle_window_shards)
     per_rank = settings.batch_size * settings.grad_accum
     metrics_file = out_dir / "metrics.jsonl"
     if env.is_main and metrics_file.exists():
