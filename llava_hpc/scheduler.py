@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
+from submitit.core import logger as submitit_logger
 from submitit.helpers import Checkpointable
 
 from llava_hpc.config import Resources
@@ -40,11 +41,42 @@ class SchedulerError(RuntimeError):
     pass
 
 
+def _requeue_surviving_its_own_kill(env, countdown: int) -> None:
+    """submitit's `scontrol requeue`, run with SIGTERM ignored.
+
+    A requeue makes slurmd SIGTERM every process of the job, and `scontrol` is one of them: when that signal
+    lands before scontrol has exited (a loaded node), submitit sees "scontrol died with SIGTERM" and writes an
+    error result for a job that Slurm has in fact requeued, so whoever reads that result sees a failure. An
+    ignored disposition survives exec, so scontrol finishes and reports the requeue's real outcome; SIGKILL
+    after KillWait still ends it. Called from the signal handler, i.e. on the main thread, as signal.signal needs.
+    """
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        subprocess.check_call(["scontrol", "requeue", env.job_id], timeout=60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    submitit_logger.get_logger().info(f"Requeued job {env.job_id} ({countdown} remaining timeouts)")
+
+
+def harden_requeue() -> None:
+    """Make this job process requeue itself with `_requeue_surviving_its_own_kill` (call it inside the job)."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    SlurmJobEnvironment._requeue = _requeue_surviving_its_own_kill
+
+
+def _stage_call(run_dir: str, task: Task) -> dict:
+    """A stage task that is not checkpointable: submitit still requeues it on preemption (not on timeout)."""
+    harden_requeue()
+    return run_task(run_dir, task)
+
+
 class _RequeueableStageCall(Checkpointable):
     """A stage task that submitit requeues on preemption/timeout. Its state is on disk (checkpoints, finished
     shards), so resubmitting the same call with the same arguments resumes the work."""
 
     def __call__(self, run_dir: str, task: Task) -> dict:
+        harden_requeue()
         return run_task(run_dir, task)
 
 
@@ -181,7 +213,7 @@ class Scheduler:
         if not tasks:
             raise SchedulerError(f"stage {stage}: nothing to submit")
         executor = self._executor(stage, resources, self.dependency_for(after))
-        call = _RequeueableStageCall() if checkpointable else run_task
+        call = _RequeueableStageCall() if checkpointable else _stage_call
         run_dir = str(self.run.root)
         if len(tasks) == 1:
             jobs = [executor.submit(call, run_dir, tasks[0])]

@@ -187,6 +187,10 @@ class _Resumable(Checkpointable):
         self.preempted = False
 
     def __call__(self) -> str:
+        # As every llava-hpc stage job does: submitit's bare requeue can be killed by the SIGTERM it triggers.
+        from llava_hpc.scheduler import harden_requeue
+
+        harden_requeue()
         with open(self.log, "a") as f:
             f.write(f"start {os.environ.get('SLURM_RESTART_COUNT', '0')} preempted={self.preempted}\n")
         if self.preempted:

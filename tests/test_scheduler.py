@@ -1,5 +1,7 @@
 """Status parsing against recorded squeue/sacct output: accounting lag, requeues, arrays, GPU-hours."""
 
+import os
+import signal
 import subprocess
 import time
 
@@ -135,3 +137,51 @@ def test_jobs_that_can_never_run_are_replaced_not_waited_for(monkeypatch, tmp_pa
     fake_slurm(monkeypatch, orchestrator.scheduler, sacct="",
                squeue="41_0|RUNNING|0:08|None\n41_1|RUNNING|0:08|None\n42|PENDING|0:00|Dependency\n43|PENDING|0:00|Dependency\n")
     assert set(orchestrator._active_submissions()) == {"features", "stage1", "stage2"} and cancelled == []
+
+
+def _fake_scontrol_killed_by_its_own_requeue(bin_dir, record):
+    """An `scontrol` that, like a real requeue on a busy node, is SIGTERMed (with the rest of the job) before
+    it exits."""
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/bash\necho "$@" > {record}\nkill -TERM $$\nsleep 0.2\necho requeued\n')
+    script.chmod(0o755)
+
+
+def test_requeue_survives_the_sigterm_it_triggers(monkeypatch, tmp_path):
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    from llava_hpc.scheduler import _requeue_surviving_its_own_kill
+
+    record = tmp_path / "scontrol.args"
+    _fake_scontrol_killed_by_its_own_requeue(tmp_path, record)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    env = SlurmJobEnvironment()
+
+    # submitit's own requeue reports this requeue as failed: the job would write an error result
+    with pytest.raises(subprocess.CalledProcessError, match="died with <Signals.SIGTERM"):
+        SlurmJobEnvironment._requeue(env, countdown=3)
+
+    def handler(signum, frame):  # stands in for submitit's "bypass" handler
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        _requeue_surviving_its_own_kill(env, countdown=3)
+        assert signal.getsignal(signal.SIGTERM) is handler  # the job's own handler is back afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert record.read_text().split() == ["requeue", "4242"]
+
+
+def test_stage_jobs_requeue_with_the_hardened_requeue(monkeypatch, tmp_path):
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    import llava_hpc.scheduler as scheduler
+
+    submitit_requeue = SlurmJobEnvironment._requeue  # monkeypatch restores it after the test
+    monkeypatch.setattr(scheduler, "run_task", lambda run_dir, task: {"ran": task})
+    for call in (scheduler._RequeueableStageCall(), scheduler._stage_call):
+        monkeypatch.setattr(SlurmJobEnvironment, "_requeue", submitit_requeue)
+        assert call(str(tmp_path), "t0") == {"ran": "t0"}
+        assert SlurmJobEnvironment._requeue is scheduler._requeue_surviving_its_own_kill
