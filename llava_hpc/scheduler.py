@@ -55,7 +55,7 @@ def _requeue_surviving_its_own_kill(env, countdown: int) -> None:
         subprocess.check_call(["scontrol", "requeue", env.job_id], timeout=60)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    submitit_logger.get_logger().info(f"Requeued job {env.job_id} ({countdown} remaining timeouts)")
+    submitit_logger.get_logger().info(f"Requeued job {env.job_id} ({countdown} remaining timeouts; scontrol ran with SIGTERM ignored)")
 
 
 def harden_requeue() -> None:

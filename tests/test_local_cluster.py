@@ -259,4 +259,5 @@ def test_checkpointable_job_preempted_by_urgent_is_requeued(executor, tmp_path: 
     assert result_of(victim, timeout=90) == "resumed"
     starts = log.read_text().splitlines()
     assert len(starts) == 2 and "preempted=True" in starts[1], starts
+    assert "scontrol ran with SIGTERM ignored" in victim.stdout()  # the hardened requeue did it
     assert submitit_state(victim, {"COMPLETED"}) == "COMPLETED"
