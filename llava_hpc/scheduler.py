@@ -59,7 +59,12 @@ def _requeue_surviving_its_own_kill(env, countdown: int) -> None:
 
 
 def harden_requeue() -> None:
-    """Make this job process requeue itself with `_requeue_surviving_its_own_kill` (call it inside the job)."""
+    """Make this job process requeue itself with `_requeue_surviving_its_own_kill` (call it inside the job).
+
+    Only in a Slurm job: the debug executor runs stages inside the caller, where nothing is requeued and the
+    caller's submitit should stay as it is."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit's sbatch script exports it
+        return
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     SlurmJobEnvironment._requeue = _requeue_surviving_its_own_kill

@@ -158,6 +158,7 @@ def test_requeue_survives_the_sigterm_it_triggers(monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     env = SlurmJobEnvironment()
 
+    assert SlurmJobEnvironment._requeue is not _requeue_surviving_its_own_kill  # nothing hardened this process
     # submitit's own requeue reports this requeue as failed: the job would write an error result
     with pytest.raises(subprocess.CalledProcessError, match="died with <Signals.SIGTERM"):
         SlurmJobEnvironment._requeue(env, countdown=3)
@@ -181,6 +182,10 @@ def test_stage_jobs_requeue_with_the_hardened_requeue(monkeypatch, tmp_path):
 
     submitit_requeue = SlurmJobEnvironment._requeue  # monkeypatch restores it after the test
     monkeypatch.setattr(scheduler, "run_task", lambda run_dir, task: {"ran": task})
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "debug")  # a stage run inside the caller leaves submitit alone
+    assert scheduler._RequeueableStageCall()(str(tmp_path), "t0") == {"ran": "t0"}
+    assert SlurmJobEnvironment._requeue is submitit_requeue
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # as submitit's sbatch script sets it
     for call in (scheduler._RequeueableStageCall(), scheduler._stage_call):
         monkeypatch.setattr(SlurmJobEnvironment, "_requeue", submitit_requeue)
         assert call(str(tmp_path), "t0") == {"ran": "t0"}
