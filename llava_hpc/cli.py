@@ -46,6 +46,7 @@ AccountOpt = Annotated[Optional[str], typer.Option("--account", help="Slurm acco
 QosOpt = Annotated[Optional[str], typer.Option("--qos", help="Slurm QOS")]
 TimeOpt = Annotated[Optional[str], typer.Option("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")]
 GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="GPUs per node")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="nodes per job (multi-node training: one task per GPU)")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -53,15 +54,18 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(pipeline_opt: Path | None, run_dir_opt: Path | None) -> tuple[Pipeline, RunDir]:
+def _load(pipeline_opt: Path | None, run_dir_opt: Path | None,
+          warnings: list[str] | None = None) -> tuple[Pipeline, RunDir]:
     """The pipeline and run directory a command works on. With only --run-dir, the run's own resolved copy
-    of the pipeline is used, so `status`/`logs`/`cancel` work from anywhere."""
+    of the pipeline is used, so `status`/`logs`/`cancel` work from anywhere. With `warnings` (a dry run), missing
+    files and unset variables are collected there instead of failing."""
+    check = warnings is None
     try:
         if pipeline_opt is None and run_dir_opt is not None and not os.environ.get(PIPELINE_ENV) \
                 and not Path("pipeline.toml").exists() and (run_dir_opt / "pipeline.toml").exists():
-            pipeline = load_pipeline(run_dir_opt / "pipeline.toml")
+            pipeline = load_pipeline(run_dir_opt / "pipeline.toml", check_files=check, warnings=warnings)
         else:
-            pipeline = load_pipeline(find_pipeline(pipeline_opt))
+            pipeline = load_pipeline(find_pipeline(pipeline_opt), check_files=check, warnings=warnings)
     except PipelineError as exc:
         _fail(str(exc))
     if run_dir_opt is not None:
@@ -96,7 +100,7 @@ def _stages_for(stage: str) -> list[str]:
 
 
 def _print_outcome(outcome) -> None:
-    colour = {"submitted": "green", "failed": "red", "dry-run": "cyan"}.get(outcome.action, "yellow")
+    colour = {"submitted": "green", "failed": "red", "dry-run": "cyan", "login-side": "magenta"}.get(outcome.action, "yellow")
     console.print(f"[bold]{outcome.stage:9}[/] [{colour}]{outcome.action}[/] {outcome.message}", highlight=False)
     if outcome.script:
         console.print(outcome.script, markup=False, highlight=False)
@@ -104,10 +108,12 @@ def _print_outcome(outcome) -> None:
 
 def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides, plan_options=None):
     make_private()
-    pipeline, run = _load(pipeline_opt, run_dir)
+    warnings: list[str] | None = [] if dry_run else None
+    pipeline, run = _load(pipeline_opt, run_dir, warnings)
     stages = _stages_for(stage)
     pipeline = _apply_overrides(pipeline, stages, **overrides)
     orchestrator = _orchestrator(pipeline, run, executor)
+    from llava_hpc.orchestrate import PreflightError
     from llava_hpc.scheduler import SchedulerError
 
     try:
@@ -115,11 +121,18 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
                                        plan_options=plan_options)
     except AlreadyLockedError as exc:
         _fail(f"another llava-hpc command is submitting into this run directory: {exc}")
-    except (SchedulerError, StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
+    except PreflightError as exc:
+        _fail("nothing was submitted; fix these first:\n" + "\n".join(f"  - {p}" for p in exc.problems))
+    except SchedulerError as exc:
+        _fail(str(exc))
+    except (StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
+    if dry_run:
+        for warning in dict.fromkeys([*(warnings or []), *orchestrator.ctx.warnings]):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if any(o.action == "failed" for o in outcomes):
         raise typer.Exit(1)
-    return pipeline, run, orchestrator, stages
+    return pipeline, run, orchestrator, outcomes
 
 
 @app.command()
@@ -133,13 +146,14 @@ def submit(
     qos: QosOpt = None,
     time_limit: TimeOpt = None,
     gpus: GpusOpt = None,
+    nodes: NodesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="redo stages that are done or already queued")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sbatch script(s); submit nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sbatch script(s); submit nothing; needs no Slurm")] = False,
 ):
     """Submit a stage (or 'all', chained with afterok) as Slurm job(s). Done stages are skipped.
 
     On the local executor stages run on this machine, one after the other, and this command waits."""
-    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus)
+    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus, nodes=nodes)
     _submit(stage, pipeline, run_dir, executor, force, dry_run, None, overrides)
 
 
@@ -153,22 +167,26 @@ def run(
     qos: QosOpt = None,
     time_limit: TimeOpt = None,
     gpus: GpusOpt = None,
+    nodes: NodesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="redo stages that are done")] = False,
     poll: Annotated[float, typer.Option(help="seconds between status checks")] = 3.0,
 ):
     """Submit every stage and wait for the end, showing progress. The demo's main job:
 
         llava-hpc run -p pipelines/demo.toml"""
-    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus)
+    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus, nodes=nodes)
     started = time.time()
-    pipeline_obj, run_obj, orchestrator, stages = _submit("all", pipeline, run_dir, executor, force, False, None, overrides)
+    pipeline_obj, run_obj, orchestrator, outcomes = _submit("all", pipeline, run_dir, executor, force, False, None,
+                                                            overrides)
+    # What is left to the login side (a judge compute nodes cannot reach) is not waited for here.
+    stages = [o.stage for o in outcomes if o.action != "login-side"]
     if orchestrator.executor == "slurm":
         with Live(console=console, refresh_per_second=1) as live:
             rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
     else:
         rows = [r for r in orchestrator.status() if r.stage in stages]
         console.print(_status_table(rows, run_obj))
-    failed = [r for r in rows if r.state != "done"]
+    failed = [r for r in rows if r.state not in ("done", "login-side")]
     console.print(f"finished in {time.time() - started:.0f} s; run directory: {run_obj.root}")
     if failed:
         _fail(", ".join(f"{r.stage} {r.state}" for r in failed), code=1)
@@ -183,7 +201,7 @@ def _elapsed(seconds: int) -> str:
 
 
 STATE_STYLE = {"done": "green", "running": "cyan", "pending": "yellow", "requeued": "magenta", "failed": "bold red",
-               "cancelled": "red", "not submitted": "dim", "submitted": "yellow"}
+               "cancelled": "red", "not submitted": "dim", "submitted": "yellow", "login-side": "magenta"}
 
 
 def _status_table(rows, run: RunDir) -> Table:
@@ -312,6 +330,10 @@ def judge(
     pipeline: PipelineOpt = None,
     run_dir: RunDirOpt = None,
     local: Annotated[bool, typer.Option("--local", help="judge here, in this process, instead of a Slurm job")] = False,
+    collect: Annotated[bool, typer.Option("--collect", help="Batch API: fetch finished batches (submitting follow-up "
+                                                           "batches where a bench needs them); never waits")] = False,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Batch API on the login side: stay until "
+                                                 "the batches finish (default: submit and return)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count requests, tokens and cost; send nothing")] = False,
     executor: ExecutorOpt = None,
     partition: PartitionOpt = None,
@@ -322,14 +344,18 @@ def judge(
 ):
     """Judge a bench's answers with GPT-4 or any OpenAI-compatible endpoint (the reference LLaVA-Bench protocol).
 
-    Submits the judge job for the bench (or judges in place with --local). The key is read from the
-    environment variable named by the pipeline's judge.api_key_env, inside the job; it is never written down.
+    Where compute nodes reach the endpoint (a cluster address, or a partition the profile marks as having internet)
+    and the transport is sync, this submits the judge job. Otherwise it judges here, on the login side: sync requests
+    go out at once; the Batch API submits the batches and returns (`--collect` later fetches the reviews). Once a
+    bench is judged here its report is written too. The key is read from the environment variable named by
+    judge.api_key_env (a job reads judge.api_key_file); it is never written into the run directory or given to sbatch.
     Replies are cached by content: rerunning never pays twice for the same judgement."""
     from llava_hpc.stages import StageContext
 
     pipeline_obj, run = _load(pipeline, run_dir)
     if bench is not None and bench not in pipeline_obj.benches:
         _fail(f"no bench {bench!r} in the pipeline; benches: {', '.join(pipeline_obj.benches) or 'none'}")
+    from llava_hpc.eval.endpoint import judge_placement
     from llava_hpc.stages import judge as judge_stage
 
     ctx = StageContext(pipeline_obj, run)
@@ -339,25 +365,51 @@ def judge(
     if dry_run:
         _print_estimate(judge_stage.dry_run_estimate(ctx, names))
         return
-    if local:
-        make_private()
-        from llava_hpc.eval.judge_transport import JudgeTransportError, MissingApiKeyError
-
-        for name in names or judge_stage.judged_benches(ctx):
-            try:
-                summary = judge_stage.judge_bench(ctx, name, local=True)
-            except (MissingApiKeyError, JudgeTransportError, judge_stage.JudgeIncompleteError,
-                    judge_stage.AnswersFileError, FileNotFoundError, ValueError) as exc:
-                _fail(f"{name}: {exc}", code=1)
-            console.print(f"{name}: {json.dumps(summary.get('scores', {}).get('all', summary), default=str)}", highlight=False)
+    where = executor or pipeline_obj.executor
+    placement = judge_placement(pipeline_obj)
+    if not (local or collect) and (where != "slurm" or placement.as_job):
+        overrides = dict(partition=partition, account=account, qos=qos, time=time_limit)
+        _submit("judge", pipeline, run_dir, executor, force, False, None, overrides,
+                plan_options={"judge": {"benches": names}} if names else None)
         return
-    config = pipeline_obj.judge
-    if not config.base_url and not os.environ.get(config.api_key_env):
-        err_console.print(f"[yellow]warning:[/] ${config.api_key_env} is not set here; the job reads it from its own "
-                          "environment (sbatch passes this one): it will fail unless the job's environment has it")
-    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit)
-    _submit("judge", pipeline, run_dir, executor, force, False, None, overrides,
-            plan_options={"judge": {"benches": names}} if names else None)
+    if where == "slurm" and not (local or collect):
+        console.print(f"[dim]judging on this machine: {placement.reason.split(':')[0]}[/]", highlight=False)
+    batch = pipeline_obj.judge.transport == "batch"
+    wait = (not batch or where != "slurm") if wait is None else wait
+    make_private()
+    from llava_hpc.eval.judge_transport import JudgeTransportError, MissingApiKeyError
+
+    pending = False
+    for name in names or judge_stage.judged_benches(ctx):
+        if run.is_done(judge_stage.output_dir(ctx, name)) and not force:
+            console.print(f"{name}: already judged (--force to judge again)", highlight=False)
+            continue
+        if collect and batch and not (judge_stage.output_dir(ctx, name) / "batches.json").exists():
+            _fail(f"{name}: nothing to collect: no batch was submitted for it; run `llava-hpc judge --bench {name}`")
+        try:
+            summary = judge_stage.judge_bench(ctx, name, local=True, wait=wait and not collect)
+        except (MissingApiKeyError, JudgeTransportError, judge_stage.JudgeIncompleteError,
+                judge_stage.AnswersFileError, FileNotFoundError, ValueError) as exc:
+            _fail(f"{name}: {exc}", code=1)
+        if "pending" in summary:
+            pending = True
+            console.print(f"{name}: {summary['pending']}; collect with `llava-hpc judge --collect"
+                          f"{' --bench ' + name if bench else ''}`", highlight=False)
+            continue
+        console.print(f"{name}: {json.dumps(summary.get('scores', {}).get('all', summary), default=str)}", highlight=False)
+        _report_here(pipeline_obj, run, name)
+    if pending:
+        raise typer.Exit(0)
+
+
+def _report_here(pipeline: Pipeline, run: RunDir, bench: str) -> None:
+    """A bench judged on the login side gets its report here too: a few seconds of CPU, no job needed."""
+    from llava_hpc.orchestrate import Orchestrator
+
+    outcomes = Orchestrator(pipeline, run, "debug").submit("report", plan_options={"report": {"benches": [bench]}})
+    if any(o.action == "failed" for o in outcomes):
+        _fail(f"{bench}: judged, but its report failed: {outcomes[-1].message}", code=1)
+    console.print(f"{bench}: report in {run.stage_dir('report') / bench}", highlight=False)
 
 
 def _print_estimate(estimate: dict) -> None:

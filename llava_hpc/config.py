@@ -44,7 +44,12 @@ def _expand_path(value: Any, info: ValidationInfo) -> Any:
     text = os.path.expandvars(os.path.expanduser(str(value)))
     missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text)
     if missing:
-        raise ValueError(f"environment variable {missing[0]} is not set (in {value!r})")
+        context = info.context or {}
+        if context.get("check_files", True):
+            raise ValueError(f"environment variable {missing[0]} is not set (in {value!r})")
+        # A dry run on a laptop: the cluster's variables are not set here. Keep the path as written, say so.
+        context.setdefault("warnings", []).append(f"environment variable {missing[0]} is not set (in {value!r})")
+        return Path(text)
     path = Path(text)
     base = (info.context or {}).get("base")
     if not path.is_absolute() and base is not None:
@@ -53,8 +58,13 @@ def _expand_path(value: Any, info: ValidationInfo) -> Any:
 
 
 def _must_exist(path: Path | None, info: ValidationInfo) -> Path | None:
-    if path is not None and (info.context or {}).get("check_files", True) and not path.exists():
+    if path is None or path.exists():
+        return path
+    context = info.context or {}
+    if context.get("check_files", True):
         raise ValueError(f"no such file or folder: {path}")
+    if "$" not in str(path):  # an unset variable was reported already
+        context.setdefault("warnings", []).append(f"no such file or folder: {path}")
     return path
 
 
@@ -133,6 +143,7 @@ class Resources(Strict):
     max_requeues: int = Field(3, ge=0, description="requeues after a timeout (preemption always requeues)")
     signal_delay_s: int = Field(120, ge=10, description="USR2 this long before the time limit: time to checkpoint")
     exclusive: bool = False
+    wckey: SlurmName | None = Field(None, description="Slurm workload characterization key, where the site uses them")
     additional: dict[str, str] = Field(default_factory=dict, description="extra sbatch options")
 
     @field_validator("time", mode="before")
@@ -180,6 +191,7 @@ class ResourceOverrides(Strict):
     max_requeues: int | None = Field(None, ge=0)
     signal_delay_s: int | None = Field(None, ge=10)
     exclusive: bool | None = None
+    wckey: SlurmName | None = None
     additional: dict[str, str] | None = None
 
     @field_validator("time", mode="before")
@@ -355,11 +367,20 @@ class JudgeConfig(Strict):
     max_concurrency: int = Field(8, ge=1)
     include_image: bool = False
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key")
+    api_key_file: ResolvedPath | None = Field(
+        None, description="where a judge *job* reads the key (Slurm stores a job's environment, so llava-hpc never "
+                          "passes the key to sbatch); default ~/.config/llava-hpc/<api_key_env>, mode 0600")
+    where: Literal["auto", "job", "login"] = Field(
+        "auto", description="on Slurm: judge in a job ('job'), on the login side ('login'), or 'auto': in a job when "
+                            "the transport is sync and compute nodes reach the endpoint, else on the login side")
     temperature: float = 0.2
     max_tokens: int = 1024
     max_retries: int = Field(5, ge=0)
     timeout_s: float = Field(120, gt=0)
     reference_model: str = Field("gpt-4o-mini", description="writes reference answers for folder benches")
+
+    def key_file(self) -> Path:
+        return self.api_key_file or Path(f"~/.config/llava-hpc/{self.api_key_env}").expanduser()
 
     @model_validator(mode="before")
     @classmethod
@@ -372,6 +393,14 @@ class JudgeConfig(Strict):
         return data
 
 
+# ---------------------------------------------------------------------------------------------- cluster
+class ClusterConfig(Strict):
+    """What a site's partitions can reach; a cluster profile usually sets it."""
+
+    internet_partitions: list[SlurmName] = Field(
+        default_factory=list, description="partitions whose nodes reach the internet (most sites: none)")
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 class Pipeline(Strict):
     name: str
@@ -380,6 +409,7 @@ class Pipeline(Strict):
     executor: Literal["slurm", "local", "debug"] = "slurm"
     python: str | None = Field(None, description="python of the jobs (default: the one running llava-hpc)")
     slurm: Resources = Field(default_factory=Resources)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     datasets: dict[str, Dataset] = Field(default_factory=dict)
@@ -448,10 +478,17 @@ def _known_keys_hint(error: dict) -> str:
     return ", ".join(sorted(model.model_fields))
 
 
-def parse_pipeline(data: dict, source: str | Path, base: Path | None = None, check_files: bool = True) -> Pipeline:
+def parse_pipeline(data: dict, source: str | Path, base: Path | None = None, check_files: bool = True,
+                   warnings: list[str] | None = None) -> Pipeline:
+    """`check_files=False` (a dry run, `validate --no-check-files`): missing files and unset variables are not errors;
+    they are appended to `warnings` (named by file and key) for the caller to show."""
     base = Path(source).resolve().parent if base is None else base
+    context = {"base": base, "check_files": check_files, "warnings": []}
     try:
-        return Pipeline.model_validate(data, context={"base": base, "check_files": check_files})
+        pipeline = Pipeline.model_validate(data, context=context)
+        if warnings is not None:
+            warnings.extend(f"{source}: {w}" for w in dict.fromkeys(context["warnings"]))
+        return pipeline
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -481,8 +518,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _apply_profile(data: dict, source: Path) -> dict:
-    """A cluster profile holds only Slurm resources: `[slurm]` and `[stages.<stage>.slurm]` tables. The
-    pipeline's own values win over the profile's."""
+    """A cluster profile holds only what a site decides: Slurm resources (`[slurm]`, `[stages.<stage>.slurm]`) and
+    what its partitions reach (`[cluster]`). The pipeline's own values win over the profile's."""
     if not isinstance(data.get("profile"), str):
         return data
     profile_path = Path(os.path.expandvars(os.path.expanduser(data["profile"])))
@@ -491,15 +528,16 @@ def _apply_profile(data: dict, source: Path) -> dict:
     profile = _read_toml(profile_path, "profile (from the pipeline's `profile` key)")
     for key, table in profile.items():
         stage_tables = table.values() if key == "stages" and isinstance(table, dict) else []
-        if key not in ("slurm", "stages") or any(not isinstance(t, dict) or set(t) - {"slurm"} for t in stage_tables):
-            raise PipelineError(f"{profile_path}: a profile may only set [slurm] and [stages.<stage>.slurm] tables (found {key!r})")
+        if key not in ("slurm", "cluster", "stages") or any(not isinstance(t, dict) or set(t) - {"slurm"} for t in stage_tables):
+            raise PipelineError(f"{profile_path}: a profile may only set [slurm], [cluster] and [stages.<stage>.slurm] "
+                                f"tables (found {key!r})")
     return _merge(profile, data)
 
 
-def load_pipeline(path: str | Path, check_files: bool = True) -> Pipeline:
+def load_pipeline(path: str | Path, check_files: bool = True, warnings: list[str] | None = None) -> Pipeline:
     path = Path(path)
     data = _apply_profile(_read_toml(path, "pipeline file"), path)
-    return parse_pipeline(data, path, check_files=check_files)
+    return parse_pipeline(data, path, check_files=check_files, warnings=warnings)
 
 
 def find_pipeline(explicit: str | Path | None) -> Path:

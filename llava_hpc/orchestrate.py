@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from llava_hpc.config import Pipeline
 from llava_hpc.rundir import RunDir, Submission, atomic_write_text
-from llava_hpc.scheduler import ACTIVE_STATES, FAILED_STATES, QueryStats, Scheduler, TaskState
+from llava_hpc.scheduler import ACTIVE_STATES, FAILED_STATES, QueryStats, Scheduler, SchedulerError, TaskState
 from llava_hpc.stages import (
     ORDER,
     STAGES,
@@ -30,6 +30,14 @@ class NothingToDo(Exception):
     pass
 
 
+class PreflightError(RuntimeError):
+    """What would make a job fail at once, found before anything was submitted; one problem per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
 def resolve_stages(requested: str) -> list[str]:
     """'all' -> every built stage in order; a stage name -> itself (refused if it is not built yet)."""
     if requested == "all":
@@ -41,7 +49,7 @@ def resolve_stages(requested: str) -> list[str]:
 @dataclass
 class StageOutcome:
     stage: str
-    action: str  # submitted | skipped-done | skipped-active | dry-run | failed
+    action: str  # submitted | skipped-done | skipped-active | login-side | dry-run | failed
     message: str
     submission: Submission | None = None
     script: str | None = None
@@ -50,7 +58,7 @@ class StageOutcome:
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # not submitted | submitted | pending | running | requeued | done | failed | cancelled
+    state: str  # not submitted | submitted | pending | running | requeued | done | failed | cancelled | login-side
     job_ids: list[str] = field(default_factory=list)
     tasks_done: int = 0
     tasks_total: int = 0
@@ -106,13 +114,14 @@ def summarize(stage: str, submission: Submission | None, states: dict[str, TaskS
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b(:|$)")
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch prefixes a distributed process's traceback lines with it
 
 
 def _last_error_line(path: str) -> str:
     """The exception that killed a task, from the end of its stderr (srun's own epilogue comes after it)."""
     try:
         with open(path, errors="replace") as f:
-            lines = [line.strip() for line in f.readlines()[-200:] if line.strip()]
+            lines = [_RANK_PREFIX.sub("", line.strip()) for line in f.readlines()[-200:] if line.strip()]
     except OSError:
         return ""
     for pattern in (_EXCEPTION_LINE, re.compile(r"error", re.I)):
@@ -128,7 +137,7 @@ class Orchestrator:
         self.run = run
         self.executor = executor or pipeline.executor
         self.scheduler = Scheduler(run, self.executor, python=pipeline.python)
-        self.ctx = StageContext(pipeline, run)
+        self.ctx = StageContext(pipeline, run, executor=self.executor)
 
     # ------------------------------------------------------------------------------------------ status
     def status(self, stats: QueryStats | None = None) -> list[StageStatus]:
@@ -143,8 +152,20 @@ class Orchestrator:
             row = summarize(stage, latest[stage], states, done)
             if STAGES[stage].module is not None:
                 row.progress = getattr(stage_module(stage), "progress", lambda ctx: None)(self.ctx)
+                self._mark_login_side(row, latest[stage], states)
             rows.append(row)
         return rows
+
+    def _mark_login_side(self, row: StageStatus, submission: Submission | None, states: dict) -> None:
+        """A stage (or the rest of one) left to the login side shows as such, not as failed or never submitted."""
+        if self.executor != "slurm" or row.state not in ("not submitted", "failed"):
+            return
+        if submission is not None and any(states.get(j, TaskState(j)).state != "COMPLETED" for j in submission.job_ids):
+            return  # a job of it really failed
+        hook = getattr(stage_module(row.stage), "login_side", None)
+        reason = hook(self.ctx) if hook is not None else None
+        if reason:
+            row.state, row.reason = "login-side", reason
 
     def _is_done(self, stage: str) -> bool:
         try:
@@ -160,10 +181,26 @@ class Orchestrator:
         stages = resolve_stages(requested)
         wait = self.executor != "slurm" if wait is None else wait
         self._plan_options = plan_options or {}
+        self.ctx.dry_run = dry_run
+        problems = self._preflight(stages, force)
+        if problems and not dry_run:
+            raise PreflightError(problems)
+        self.ctx.warnings.extend(problems)
         if dry_run:
             return self._submit_locked(stages, force, dry_run, wait, on_outcome)
         with self.run.lock(f"llava-hpc submit {requested}"):
             return self._submit_locked(stages, force, dry_run, wait, on_outcome)
+
+    def _preflight(self, stages: list[str], force: bool) -> list[str]:
+        """Every problem the stages about to be submitted can see from here (models missing from the local cache, a
+        judge job without a key), so that a submit fails now, in one message, not at hour 3 in a job."""
+        problems: list[str] = []
+        for stage in stages:
+            module = stage_module(stage)
+            check = getattr(module, "preflight", None)
+            if check is not None and (force or not module.is_done(self.ctx)):
+                problems.extend(f"{stage}: {problem}" for problem in check(self.ctx))
+        return list(dict.fromkeys(problems))
 
     def _submit_locked(self, stages, force, dry_run, wait, on_outcome) -> list[StageOutcome]:
         if not dry_run:
@@ -176,11 +213,14 @@ class Orchestrator:
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
+            if outcome.action == "dry-run":
+                # What later stages of the dry run would wait on: a placeholder for the job id sbatch would give.
+                active[stage] = Submission(stage, "slurm", [f"<{stage}-job-id>"], 1, time.time(), "")
             if outcome.submission is not None:
                 active[stage] = outcome.submission
                 if wait:
                     errors = self.scheduler.wait(outcome.submission)
-                    if errors or not self._is_done(stage):
+                    if errors or not stage_module(stage).is_done(self.ctx, **self._plan_options.get(stage, {})):
                         failed = StageOutcome(stage, "failed", "; ".join(errors) or "ended without writing _SUCCESS",
                                               outcome.submission)
                         outcomes.append(failed)
@@ -203,7 +243,13 @@ class Orchestrator:
         by_job = {s.array_job_id: s for s in submissions if s.executor == "slurm"}
         dependencies = {by_job[j].array_job_id: by_job[j] for s in live for j in s.depends_on if j in by_job}
         queried = {s.array_job_id: s for s in [*live, *dependencies.values()]}
-        states = self.scheduler.query(list(queried.values()))
+        try:
+            states = self.scheduler.query(list(queried.values()))
+        except SchedulerError as exc:
+            if not dry_run:
+                raise
+            self.ctx.warnings.append(f"earlier submissions of this run directory not checked: {exc}")
+            return {}
         tasks_of = {job: [states.get(j, TaskState(j)) for j in s.job_ids] for job, s in queried.items()}
 
         def doomed(job: str, seen: frozenset = frozenset()) -> bool:
@@ -239,6 +285,10 @@ class Orchestrator:
         if stage in active and not force:
             ids = ",".join(active[stage].job_ids[:3]) + ("..." if len(active[stage].job_ids) > 3 else "")
             return StageOutcome(stage, "skipped-active", f"already queued or running (job {ids}); --force to resubmit")
+        if self.executor == "slurm" and (elsewhere := getattr(module, "login_side", None)) is not None:
+            reason = elsewhere(self.ctx)
+            if reason:
+                return StageOutcome(stage, "login-side", reason)
         inputs_ready = getattr(module, "inputs_ready", None)
         options = self._plan_options.get(stage, {})
 
@@ -259,8 +309,12 @@ class Orchestrator:
         after = [active[parent] for parent in upstream(stage, list(active) + stages, self.ctx) if parent in active]
         resources = self.pipeline.resources(stage)
         if dry_run:
-            script = self.scheduler.sbatch_script(stage, tasks, resources, after)
-            return StageOutcome(stage, "dry-run", f"would submit {len(tasks)} task(s)", script=script)
+            script = self.scheduler.sbatch_script(stage, tasks, resources, after, STAGES[stage].checkpointable)
+            kind = f"an array of {len(tasks)}" if len(tasks) > 1 else "1 job"
+            ranks = resources.nodes * resources.tasks_per_node
+            shape = f" of {resources.nodes} node(s) x {resources.tasks_per_node} task(s)" if ranks > 1 else ""
+            deps = f", afterok {', '.join(s.stage for s in after)}" if after else ""
+            return StageOutcome(stage, "dry-run", f"would submit {kind}{shape}{deps}", script=script)
         submission = self.scheduler.submit(stage, tasks, resources, after, STAGES[stage].checkpointable)
         kind = f"array of {len(tasks)}" if len(tasks) > 1 else "job"
         deps = f", afterok {','.join(submission.depends_on)}" if submission.depends_on else ""
@@ -287,7 +341,8 @@ class Orchestrator:
             if on_poll:
                 on_poll(list(rows.values()))
             wanted = [rows[s] for s in stages if s in rows]
-            if any(r.state in ("failed", "cancelled") for r in wanted) or all(r.state == "done" for r in wanted):
+            if any(r.state in ("failed", "cancelled") for r in wanted) or \
+                    all(r.state in ("done", "login-side") for r in wanted):
                 return wanted
             if timeout_s is not None and time.time() - started > timeout_s:
                 raise TimeoutError(f"stages {stages} not finished after {timeout_s:.0f} s")

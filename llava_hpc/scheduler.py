@@ -12,10 +12,12 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import submitit
 from submitit.core import logger as submitit_logger
 from submitit.helpers import Checkpointable
 
+from llava_hpc import checkpoint_signal
 from llava_hpc.config import Resources
 from llava_hpc.rundir import RunDir, Submission
 from llava_hpc.stages import Task
@@ -65,14 +68,24 @@ def harden_requeue() -> None:
     caller's submitit should stay as it is."""
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit's sbatch script exports it
         return
+    # The one private submitit name the scheduler touches: submitit has no hook for how a job requeues itself.
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     SlurmJobEnvironment._requeue = _requeue_surviving_its_own_kill
 
 
+def _in_slurm_job() -> None:
+    """What every stage job does first: requeue robustly, and let training checkpoint before submitit's USR2 handler
+    requeues (checkpoint_signal)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    harden_requeue()
+    checkpoint_signal.defer(signal.SIGUSR2)
+
+
 def _stage_call(run_dir: str, task: Task) -> dict:
     """A stage task that is not checkpointable: submitit still requeues it on preemption (not on timeout)."""
-    harden_requeue()
+    _in_slurm_job()
     return run_task(run_dir, task)
 
 
@@ -81,8 +94,42 @@ class _RequeueableStageCall(Checkpointable):
     shards), so resubmitting the same call with the same arguments resumes the work."""
 
     def __call__(self, run_dir: str, task: Task) -> dict:
-        harden_requeue()
+        _in_slurm_job()
         return run_task(run_dir, task)
+
+
+class _SlurmExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor, constructible where Slurm is not installed, so that a dry run renders the exact
+    sbatch script on a laptop. A real submission checks for sbatch first (`Scheduler.submit`)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+
+# Environment variables that must not reach sbatch: Slurm stores a job's environment with the job (controller state,
+# and `sacct --env-vars` where AccountingStoreFlags=job_env), where admins and tools can read it.
+_SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
+# Compute nodes usually have no internet: models come from the shared HF cache, never from the hub.
+OFFLINE_SETUP = "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1"
+
+
+def secret_names(environ=None) -> list[str]:
+    return sorted(name for name in (os.environ if environ is None else environ) if _SECRET_NAME.search(name))
+
+
+@contextmanager
+def _without_secrets():
+    """sbatch exports the submitting environment to the job (and Slurm keeps it): hide secrets while it runs."""
+    hidden = {name: os.environ.pop(name) for name in secret_names()}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+def _mem(mem_gb: float) -> str:
+    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
 
 @dataclass
@@ -155,44 +202,54 @@ class Scheduler:
         self._live_jobs: dict[str, list[submitit.Job]] = {}
 
     # ------------------------------------------------------------------------------------------ submit
-    def _executor(self, stage: str, resources: Resources, dependency: str | None,
-                  create_folder: bool = True) -> submitit.AutoExecutor:
+    def _executor(self, stage: str, resources: Resources, dependency: str | None, checkpointable: bool,
+                  create_folder: bool = True) -> submitit.Executor:
         folder = self.run.log_dir(stage)
         if create_folder:
             folder.mkdir(parents=True, exist_ok=True)
-        cluster = {"slurm": "slurm", "local": "local", "debug": "debug"}[self.executor_kind]
         python = shlex.quote(self.python)
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=resources.max_requeues,
-                                         slurm_python=python, local_python=python)
+        if self.executor_kind != "slurm":
+            executor = submitit.AutoExecutor(folder=folder, cluster=self.executor_kind, local_python=python)
+            params = dict(name=f"llava-{stage}", timeout_min=resources.time, cpus_per_task=resources.cpus,
+                          gpus_per_node=resources.gpus, nodes=resources.nodes, tasks_per_node=resources.tasks_per_node)
+            if resources.mem_gb is not None:
+                params["mem_gb"] = resources.mem_gb
+            executor.update_parameters(**params)
+            return executor
+        executor = _SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=python)
+        additional = dict(resources.additional)
+        if checkpointable:
+            # Sites often set JobRequeue=0: a job that must come back after preemption, a time limit or a node
+            # failure says so itself (without it `scontrol requeue` is refused and preemption cancels the job).
+            additional["requeue"] = True
         params = dict(
-            name=f"llava-{stage}",
-            timeout_min=resources.time,
-            cpus_per_task=resources.cpus,
-            gpus_per_node=resources.gpus,
+            job_name=f"llava-{stage}",
+            time=resources.time,
             nodes=resources.nodes,
-            tasks_per_node=resources.tasks_per_node,
+            ntasks_per_node=resources.tasks_per_node,
+            cpus_per_task=resources.cpus,
+            # No GPU line at all for CPU work: sites reject --gpus-per-node=0 in their GPU partitions and any GPU
+            # request in their CPU ones.
+            gpus_per_node=resources.gpus or None,
+            mem=_mem(resources.mem_gb) if resources.mem_gb is not None else None,
+            partition=resources.partition,
+            account=resources.account,
+            qos=resources.qos,
+            constraint=resources.constraint,
+            exclusive=resources.exclusive or None,
+            dependency=dependency,
+            # submitit writes --wckey=submitit unless told otherwise: only the user's own wckey, if any.
+            wckey=resources.wckey,
+            setup=[OFFLINE_SETUP, *resources.setup],
+            # Slurm 22.05-23.02 steps do not inherit the batch job's --cpus-per-task: without it each task is
+            # pinned to one core where the site binds tasks to cores.
+            srun_args=[f"--cpus-per-task={resources.cpus}"],
+            array_parallelism=resources.array_parallelism,
+            signal_delay_s=resources.signal_delay_s,
+            additional_parameters=additional or None,
         )
-        if resources.mem_gb is not None:
-            params["mem_gb"] = resources.mem_gb
-        if self.executor_kind == "slurm":
-            additional = dict(resources.additional)
-            if resources.gpus:
-                # GPU-hours are what an allocation is charged; asking per node keeps the accounting simple.
-                params["gpus_per_node"] = resources.gpus
-            params.update(
-                slurm_partition=resources.partition,
-                slurm_account=resources.account,
-                slurm_qos=resources.qos,
-                slurm_constraint=resources.constraint,
-                slurm_setup=list(resources.setup),
-                slurm_array_parallelism=resources.array_parallelism,
-                slurm_signal_delay_s=resources.signal_delay_s,
-                slurm_exclusive=resources.exclusive or None,
-                slurm_dependency=dependency,
-                slurm_additional_parameters=additional or None,
-            )
-        params = {k: v for k, v in params.items() if v is not None}
-        executor.update_parameters(**params)
+        # None removes submitit's default for that line (its wckey); everything else that is None is not set.
+        executor.update_parameters(**{k: v for k, v in params.items() if v is not None or k == "wckey"})
         return executor
 
     @staticmethod
@@ -200,30 +257,32 @@ class Scheduler:
         ids = sorted({s.array_job_id for s in after if s.executor == "slurm"})
         return "afterok:" + ":".join(ids) if ids else None
 
-    def sbatch_script(self, stage: str, tasks: list[Task], resources: Resources, after: list[Submission]) -> str:
-        """The sbatch script `submit` would write, for --dry-run. Submits nothing."""
-        executor = self._executor(stage, resources, self.dependency_for(after), create_folder=False)
+    def sbatch_script(self, stage: str, tasks: list[Task], resources: Resources, after: list[Submission],
+                      checkpointable: bool) -> str:
+        """The sbatch script `submit` would write, for --dry-run: exactly submitit's, rendered here, so it works
+        where Slurm is not installed. Submits nothing."""
         if self.executor_kind != "slurm":
             return f"# {self.executor_kind} executor: {len(tasks)} task(s) run as processes on this machine, no sbatch script\n"
-        inner = executor._executor  # submitit.SlurmExecutor: renders the script exactly as it would submit it
-        params = dict(inner.parameters)
+        executor = self._executor(stage, resources, self.dependency_for(after), checkpointable, create_folder=False)
         if len(tasks) > 1:
-            params["map_count"] = len(tasks)
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        return _make_sbatch_string(command=inner._submitit_command_str, folder=inner.folder, **params)
+            executor.parameters["map_count"] = len(tasks)  # what submitit's map_array sets on its copy
+        # Both are submitit's own: the text it writes into the submission file, and the command that file runs.
+        return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
     def submit(self, stage: str, tasks: list[Task], resources: Resources, after: list[Submission],
                checkpointable: bool) -> Submission:
         if not tasks:
             raise SchedulerError(f"stage {stage}: nothing to submit")
-        executor = self._executor(stage, resources, self.dependency_for(after))
+        if self.executor_kind == "slurm":
+            require_slurm()
+        executor = self._executor(stage, resources, self.dependency_for(after), checkpointable)
         call = _RequeueableStageCall() if checkpointable else _stage_call
         run_dir = str(self.run.root)
-        if len(tasks) == 1:
-            jobs = [executor.submit(call, run_dir, tasks[0])]
-        else:
-            jobs = executor.map_array(call, [run_dir] * len(tasks), tasks)
+        with _without_secrets():
+            if len(tasks) == 1:
+                jobs = [executor.submit(call, run_dir, tasks[0])]
+            else:
+                jobs = executor.map_array(call, [run_dir] * len(tasks), tasks)
         self._live_jobs[stage] = jobs
         submission = Submission(
             stage=stage,
@@ -375,6 +434,13 @@ class Scheduler:
                         os.kill(int(job_id), signal.SIGINT)
                         cancelled.append(job_id)
         return cancelled
+
+
+def require_slurm() -> None:
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise SchedulerError(f"{' and '.join(missing)} not found: submitting needs a Slurm login node (here, "
+                             "`--dry-run` prints the sbatch scripts, and `--executor local` runs the stages on this machine)")
 
 
 def _pid_alive(pid: int) -> bool:

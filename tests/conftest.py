@@ -17,6 +17,33 @@ if not LLAVA_EVAL.exists() and Path("/work/shared/data/llava-eval").exists():
 # scripts/test.sh sets this: tests that need the tables then fail instead of skipping when they are missing.
 REQUIRE_EVAL_DATA = os.environ.get("LLAVA_HPC_REQUIRE_EVAL_DATA") == "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The local cluster (slurm/local/start.sh) enforces accounts: every job names this one.
+SLURM_ACCOUNT = "llava-lab"
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
+
+
+def cluster_address() -> str:
+    """The controller's address on the cluster bridge: the one login-side address compute nodes reach (a stand-in
+    for a service inside the cluster, e.g. an OpenAI-compatible judge endpoint on another node)."""
+    import re
+
+    match = re.search(r"^SlurmctldHost=[^(\s]+\(([\d.]+)\)", SLURM_CONF.read_text(), re.M)
+    if not match:
+        raise RuntimeError(f"{SLURM_CONF}: no SlurmctldHost address (is the local cluster running?)")
+    return match.group(1)
+
+
+def wait_for(predicate, timeout: float = 300, poll: float = 0.5, what: str = "condition"):
+    """predicate()'s first truthy value, polled every `poll` s; AssertionError naming `what` after `timeout` s."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def slurm_available() -> bool:
@@ -54,7 +81,7 @@ def small_pipeline_dict(run_dir: Path, **sections) -> dict:
         "name": "test",
         "run_dir": str(run_dir),
         "executor": "debug",
-        "slurm": {"partition": "debug", "cpus": 1, "mem_gb": 1, "time": 10},
+        "slurm": {"partition": "standard", "account": SLURM_ACCOUNT, "cpus": 1, "mem_gb": 1, "time": 10},
         "model": {"vision_tower": "tiny", "llm": "tiny", "max_length": 128},
         "synthetic": {"n_pretrain": 64, "n_instruct": 48, "n_bench": 20},
         "datasets": {

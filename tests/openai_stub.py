@@ -1,6 +1,6 @@
 """A local OpenAI-compatible server for tests and benchmarks: the real `openai` client talks to it over HTTP.
 
-    with OpenAIStub() as stub:            # 127.0.0.1, a free port, one thread per connection
+    with OpenAIStub() as stub:            # 127.0.0.1 (or host=...), a free port, one thread per connection
         client = openai.OpenAI(base_url=stub.url, api_key="sk-test")
         stub.script.actions.extend(["429:1", "500"])   # the next two chat requests fail that way
 
@@ -85,8 +85,11 @@ class StubScript:
 
 
 class OpenAIStub:
-    def __init__(self, port: int = 0):
-        """`port` 0 picks a free one; a test that takes the endpoint down and brings it back passes the old one."""
+    def __init__(self, port: int = 0, host: str = "127.0.0.1"):
+        """`port` 0 picks a free one; a test that takes the endpoint down and brings it back passes the old one.
+        `host`: loopback by default; the local cluster's bridge address for an endpoint inside the cluster, which
+        its (offline) compute nodes reach."""
+        self.host = host
         self.script = StubScript()
         self.log: list[dict] = []
         self.files: dict[str, dict] = {}
@@ -99,7 +102,7 @@ class OpenAIStub:
         self._ids = itertools.count(1)
         self._release = threading.Event()
         self._connections: set = set()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -107,7 +110,7 @@ class OpenAIStub:
     # -- lifecycle
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return f"http://{self.host}:{self._server.server_address[1]}/v1"
 
     def start(self) -> OpenAIStub:
         self._thread.start()

@@ -133,8 +133,12 @@ def test_local_executor_runs_in_subprocesses_and_reports_a_failure_with_its_log(
     )
     path = write_pipeline(tmp_path / "p.toml", data)
     # plan() reads the file at submit time; make the job itself fail by breaking the file under a
-    # submitted job is racy, so instead the vision tower name is bad: the job fails, plan does not.
-    data["model"]["vision_tower"] = str(tmp_path / "no-such-model")
+    # submitted job is racy, so instead the vision tower is a model directory without weights: the submit-time
+    # check (a config.json is there) passes, the job fails loading it.
+    broken = tmp_path / "no-such-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    data["model"]["vision_tower"] = str(broken)
     write_pipeline(path, data)
     result = invoke("submit", "features", "-p", str(path))
     assert result.exit_code == 1
@@ -145,6 +149,22 @@ def test_local_executor_runs_in_subprocesses_and_reports_a_failure_with_its_log(
     assert status["log"].endswith("_log.err")
     log = invoke("logs", "features", "-p", str(path))
     assert "ModelNotAvailableError" in log.output
+
+
+def test_submit_refuses_models_that_would_not_load_offline_and_submits_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    data = small_pipeline_dict(tmp_path / "run", executor="local",
+                               model={"vision_tower": "openai/clip-vit-large-patch14", "llm": str(tmp_path / "nope")})
+    path = write_pipeline(tmp_path / "p.toml", data)
+    result = invoke("submit", "all", "-p", str(path))
+    assert result.exit_code == 2, result.output
+    assert "nothing was submitted" in result.output
+    assert "hf download openai/clip-vit-large-patch14" in result.output  # the exact command that fixes it
+    assert f"model directory {tmp_path / 'nope'} has no config.json" in result.output
+    assert not (tmp_path / "run" / "jobs.jsonl").exists()
+    # A dry run shows the same problems as warnings and still prints the plan.
+    dry = invoke("submit", "all", "-p", str(path), "--dry-run")
+    assert dry.exit_code == 0 and "warning:" in dry.output and "hf download openai/clip-vit-large-patch14" in dry.output
 
 
 def test_cancel_stops_a_local_job(tmp_path):

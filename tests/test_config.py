@@ -145,7 +145,7 @@ def test_cli_overrides_apply_only_to_the_given_stages(small_pipeline):
     assert changed.resources("stage1").partition == "spgpu"
     assert changed.resources("stage1").time == 120
     assert changed.resources("stage1").gpus == 2
-    assert changed.resources("features").partition == "debug"
+    assert changed.resources("features").partition == "standard"
     with pytest.raises(PipelineError, match="command-line option"):
         with_resource_overrides(pipeline, ["stage1"], partition="a b")
 
@@ -174,10 +174,11 @@ def test_cluster_profile_is_merged_under_the_pipeline(tmp_path):
     data = small_pipeline_dict(tmp_path / "run", slurm={"cpus": 3})
     data["profile"] = str(REPO / "slurm" / "profiles" / "greatlakes.toml")
     pipeline = load_pipeline(write_pipeline(tmp_path / "p.toml", data))
-    assert pipeline.resources("stage1").partition == "debug"  # the pipeline's own [slurm] wins
+    assert pipeline.resources("stage1").partition == "standard"  # the pipeline's own [slurm] wins
     assert pipeline.resources("stage1").cpus == 3
     assert pipeline.resources("stage1").setup == ["module load python/3.11.5 cuda/12.1.1"]  # from the profile
     assert pipeline.resources("judge").partition == "standard" and pipeline.resources("judge").gpus == 0
+    assert pipeline.cluster.internet_partitions == []  # a profile also says what the site's nodes reach
 
 
 def test_profile_may_hold_only_resources(tmp_path):

@@ -16,11 +16,12 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, small_pipeline_dict, write_pipeline
+from conftest import REPO, SLURM_ACCOUNT, cluster_address, small_pipeline_dict, wait_for, write_pipeline
 from openai_stub import OpenAIStub
 from PIL import Image, ImageDraw
 
@@ -31,6 +32,8 @@ from llava_hpc.rundir import RunDir, read_jsonl
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CLI = str(Path(sys.executable).parent / "llava-hpc")
 KEY = "sk-llava-hpc-fault-test-" + secrets.token_hex(16)  # distinctive: the security scan greps for it
+# Where the judge jobs read it: the user's private key file, outside every directory the security test scans.
+KEY_FILE = Path(tempfile.mkdtemp(prefix="llava-hpc-keys-")) / "OPENAI_API_KEY"
 STAGE_ORDER = ["features", "stage1", "stage2", "generate", "judge", "report"]
 # Where each stage sleeps, so a fault lands mid-stage (the report sleeps before writing anything).
 SLOW = {
@@ -66,7 +69,7 @@ def fault_pipeline(run_dir: Path, judge_url: str, images: Path, **judge) -> dict
         name="faults",
         executor="slurm",
         python=sys.executable,
-        slurm={"partition": "debug", "cpus": 1, "mem_gb": 1, "time": 20},
+        slurm={"partition": "standard", "account": SLURM_ACCOUNT, "cpus": 1, "mem_gb": 1, "time": 20},
         synthetic={"n_pretrain": 64, "n_instruct": 48, "n_bench": 130},  # 130 questions: 3 generate chunks
         stages={
             "features": {"batch_size": 16, "shard_size": 16, "array_tasks": 2},  # 4 + 3 shards, 4 array tasks
@@ -76,14 +79,17 @@ def fault_pipeline(run_dir: Path, judge_url: str, images: Path, **judge) -> dict
         },
         benches={"synthetic": {"kind": "synthetic"},
                  "landing": {"kind": "folder", "images": str(images), "question": "Is it safe to land here?"}},
+        # The endpoint is inside the cluster (the bridge address): the judge runs as a job on an offline node, and
+        # reads its key from the private key file (sbatch is never given it).
         judge={"base_url": judge_url, "model": "gpt-4o-mini", "reference_model": "gpt-4o-mini", "max_retries": 2,
-               "timeout_s": 10, "max_concurrency": 2, **judge},
+               "timeout_s": 10, "max_concurrency": 2, "api_key_file": str(KEY_FILE), **judge},
     )
 
 
 class Run:
     """One run directory driven the way a user drives it: `llava-hpc submit` in a shell whose environment holds
-    the API key (sbatch passes it on to the jobs), status read through the orchestrator."""
+    the API key (llava-hpc keeps it from sbatch; the judge job reads the key file), status read through the
+    orchestrator."""
 
     created: list[Run] = []  # every test's runs: their jobs are cancelled when the test ends, however it ends
 
@@ -142,15 +148,6 @@ def _tail(path: str, chars: int = 3000) -> str:
     return Path(path).read_text(errors="replace")[-chars:] if path and Path(path).exists() else ""
 
 
-def wait_for(predicate, timeout: float = 300, poll: float = 0.3, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
 
 def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """job id as submitted ("12" or "12_3") -> (state, Slurm's own job id of that task) for jobs still queued."""
@@ -166,11 +163,19 @@ def sacct_states(job_id: str) -> list[str]:
     return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
 
 
+def nodes_of(raw_job_id: str) -> list[str]:
+    nodelist = subprocess.run(["squeue", "-h", "-j", raw_job_id, "-o", "%N"], capture_output=True, text=True).stdout
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist.strip()], capture_output=True, text=True).stdout
+    return out.split()
+
+
 def kill_task(raw_job_id: str) -> int:
     """SIGKILL every process of one running Slurm task (batch script, srun, the Python worker), as the OOM killer
     or a crashed library would leave it: no signal handler runs, nothing is flushed."""
-    out = subprocess.run(["scontrol", "listpids", raw_job_id], capture_output=True, text=True).stdout
-    pids = [int(line.split()[0]) for line in out.splitlines()[1:] if line.split() and line.split()[0].isdigit()]
+    pids = []
+    for node in nodes_of(raw_job_id):  # the pids live in each node's slurmd spool (SlurmdSpoolDir=.../%n)
+        out = subprocess.run(["scontrol", "listpids", raw_job_id, node], capture_output=True, text=True).stdout
+        pids += [int(line.split()[0]) for line in out.splitlines()[1:] if line.split() and line.split()[0].isdigit()]
     for pid in pids:
         try:
             os.kill(pid, 9)
@@ -180,9 +185,9 @@ def kill_task(raw_job_id: str) -> int:
 
 
 def preempt_everything() -> str:
-    """A job in `urgent` that wants the whole node: Slurm preempts (requeues) whatever runs there."""
-    out = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--exclusive", "--time=2", "-o", "/dev/null",
-                          "--wrap", "sleep 2"], check=True, capture_output=True, text=True)
+    """A job in `urgent` that wants every node whole: Slurm preempts (requeues) whatever runs anywhere."""
+    out = subprocess.run(["sbatch", "--parsable", "-A", SLURM_ACCOUNT, "-p", "urgent", "-N2", "--exclusive",
+                          "--time=2", "-o", "/dev/null", "--wrap", "sleep 2"], check=True, capture_output=True, text=True)
     return out.stdout.strip()
 
 
@@ -244,9 +249,18 @@ def _cancel_leftover_jobs():
         run.cancel_jobs()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def key_file():
+    KEY_FILE.write_text(KEY)
+    KEY_FILE.chmod(0o600)
+    yield KEY_FILE
+    shutil.rmtree(KEY_FILE.parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def stub():
-    with OpenAIStub() as server:
+    with OpenAIStub(host=cluster_address()) as server:
+        server.script.expected_key = KEY  # a job without the key would get 401
         yield server
 
 
@@ -278,10 +292,20 @@ def test_clean_run_is_complete_and_deterministic_enough_to_compare(clean):
 
 # ---------------------------------------------------------------------------------------------- security
 def test_api_key_is_nowhere_on_disk_and_nothing_is_world_readable(clean):
-    """The key was in the submitting shell's environment (and so in every job's): no file of the run directory, the
-    submitit folders (pickled jobs, logs) or the local cluster's logs holds it."""
+    """The key was in the submitting shell's environment: no file of the run directory, the submitit folders (pickled
+    jobs, logs), the local cluster's logs, or the controller's stored job environments and scripts holds it, and
+    `scontrol show job` does not show it. The judge job got it from the private key file (its requests carried it:
+    the stub answers 401 without it)."""
     slurm_logs = Path("/var/lib/llava-hpc-slurm/log")
-    scanned = 0
+    slurm_jobs = Path("/var/lib/llava-hpc-slurm/ctld")  # every job's stored environment and batch script
+    stored = list(slurm_jobs.rglob("environment"))  # jobs still known to the controller (test_cluster_pipeline
+    scanned = 0                                      # checks one held in the queue)
+    for path in stored:
+        assert KEY.encode() not in path.read_bytes(), f"the API key is in Slurm's stored job environment {path}"
+    for submission in clean.orchestrator.run.submissions():
+        shown = subprocess.run(["scontrol", "show", "job", "-dd", submission.array_job_id], capture_output=True,
+                               text=True).stdout
+        assert KEY not in shown
     for root in (clean.dir, clean.root, slurm_logs):
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink():
@@ -388,28 +412,31 @@ def test_preemption_in_each_stage_requeues_and_resumes(tmp_path, stub, images, c
     assert_same_artifacts(run.dir, clean.artifacts)
 
 
-def restart_node(crash: bool) -> None:
-    subprocess.run(["bash", str(REPO / "slurm" / "local" / "restart-node.sh"), *(["--crash"] if crash else [])],
+def node_fault(action: str, node: str) -> None:
+    subprocess.run(["bash", str(REPO / "slurm" / "local" / "node.sh"), action, node],
                    check=True, capture_output=True, text=True, timeout=120)
 
 
 def test_node_crash_and_slurmd_restart_mid_stage(tmp_path, stub, images, clean):
-    """Mid stage 2 the node crashes (slurmd and every job process SIGKILLed, slurmd started again): Slurm finds the
-    job gone (NODE_FAIL) and requeues it; it resumes from its last checkpoint. Mid generate slurmd alone is
-    restarted: the job lives on. No resubmission is needed for either."""
+    """Mid stage 2 its node crashes (slurmd and every process of the node SIGKILLed, slurmd started again): Slurm finds
+    the job gone (NODE_FAIL) and requeues it; it resumes from its last checkpoint. Mid generate that node's slurmd
+    alone is restarted: the job lives on. No resubmission is needed for either."""
     run = Run(tmp_path, stub.url, images, seed_from=clean.dir, stages_from=("features", "stage1"))
     # Slurm declares a job lost only if it started over ~20 s (BatchStartTimeout + MessageTimeout) before the node
     # came back: stage 2 runs slowly enough to be crashed after that, with a checkpoint written. At 8 s a step its
     # 6 steps take ~55 s, so the crash at ~25 s cannot miss the job on a fast machine.
     run.submit_all({**SLOW, "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "8"})
-    stage2_job, _ = wait_for(lambda: _progressed(run, "stage2") and _running_task(run, "stage2"), what="stage2 mid-work")
+    stage2_job, raw = wait_for(lambda: _progressed(run, "stage2") and _running_task(run, "stage2"), what="stage2 mid-work")
     wait_for(lambda: run.rows()["stage2"].elapsed_s >= 24, timeout=60, what="stage2 to run 24 s")
-    restart_node(crash=True)
+    (node,) = nodes_of(raw)
+    node_fault("crash", node)
+    node_fault("start", node)  # back at once: Slurm finds the job gone when the node registers again
     wait_for(lambda: len(sacct_states(stage2_job)) >= 2, timeout=120, what="stage2 requeued after the node crash")
     assert sacct_states(stage2_job)[0] == "NODE_FAIL"
-    generate_job, _ = wait_for(lambda: _progressed(run, "generate") and _running_task(run, "generate"),
-                               what="generate mid-work")
-    restart_node(crash=False)
+    generate_job, raw = wait_for(lambda: _progressed(run, "generate") and _running_task(run, "generate"),
+                                 what="generate mid-work")
+    (node,) = nodes_of(raw)
+    node_fault("restart", node)
     run.wait_done()
     assert sacct_states(generate_job) == ["COMPLETED"]  # the same attempt finished
     assert json.loads((run.dir / "stage2" / "summary.json").read_text())["resumed_from_step"] >= 2
@@ -477,7 +504,7 @@ def test_judge_endpoint_down_then_back(tmp_path, images, clean):
     """The endpoint goes away after a few judgements (connections refused): the judge job retries, then fails
     naming what it could not get, keeping every judgement it got. Once the endpoint is back, `submit all` sends only
     the rest."""
-    endpoint = OpenAIStub().start()
+    endpoint = OpenAIStub(host=cluster_address()).start()
     port = int(endpoint.url.rsplit(":", 1)[1].split("/")[0])
     endpoint.script.latency_s = 0.5
     run = Run(tmp_path, endpoint.url, images, seed_from=clean.dir,
@@ -491,7 +518,7 @@ def test_judge_endpoint_down_then_back(tmp_path, images, clean):
     cached = len(list((run.dir / "judge" / "landing" / "cache").glob("*.json")))
     assert 4 <= cached < 12
 
-    back = OpenAIStub(port=port).start()
+    back = OpenAIStub(port=port, host=cluster_address()).start()
     try:
         output = run.submit_all()
         assert re.search(r"^judge\s+submitted", output, re.M), output

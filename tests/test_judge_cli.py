@@ -1,8 +1,10 @@
 """`llava-hpc judge --bench llava-bench` as written, against the local OpenAI-compatible stub, then the report."""
 
 import json
+import tomllib
 
 import pytest
+import tomli_w
 from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA
 from openai_stub import OpenAIStub
 from test_judge_stage import KEY, KEY_ENV, SCORES_BY_CATEGORY, assert_key_nowhere, coco_context, fake_generate, qa90
@@ -78,3 +80,42 @@ def test_judge_refuses_unknown_and_exact_benches(tmp_path, stub):
     coco_context(tmp_path, stub, bench=None)
     pipeline = str(tmp_path / "pipeline.toml")
     assert "no bench 'nope'" in invoke("judge", "--bench", "nope", "-p", pipeline).output
+
+
+def test_on_slurm_the_batch_api_is_driven_from_the_login_side(tmp_path, stub):
+    """The seed recipe's judge on a cluster whose nodes have no internet: `llava-hpc judge` submits the batch and
+    returns; `status` shows it; `--collect` before the batch ends collects nothing and says so; once it ends,
+    `--collect` writes reviews, summary and the bench's report. Nothing is submitted to Slurm."""
+    ctx = coco_context(tmp_path, stub, transport="batch")
+    data = tomllib.loads((tmp_path / "pipeline.toml").read_text())
+    data["executor"] = "slurm"
+    (tmp_path / "pipeline.toml").write_text(tomli_w.dumps(data))
+    pipeline = str(tmp_path / "pipeline.toml")
+    fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()[:9]])
+    stub.script.batch_polls = 10**9  # in progress until the test says otherwise
+
+    assert "nothing to collect" in invoke("judge", "--collect", "-p", pipeline).output
+    submitted = invoke("judge", "-p", pipeline)
+    assert submitted.exit_code == 0, submitted.output
+    assert "judging on this machine" in submitted.output and "batch(es) still running" in submitted.output
+    assert len(stub.requests_to("POST", "/v1/batches")) == 1
+    status = json.loads(invoke("status", "-p", pipeline, "--json").output)
+    judge_row = next(row for row in status if row["stage"] == "judge")
+    assert judge_row["state"] == "login-side" and "batch(es) at the API" in judge_row["progress"]
+    assert "llava-hpc judge --collect" in judge_row["progress"]
+    report_row = next(row for row in status if row["stage"] == "report")  # the synthetic bench is still a job's
+    assert report_row["state"] == "not submitted" and "llava-bench: written by `llava-hpc judge`" in report_row["progress"]
+
+    pending = invoke("judge", "--collect", "-p", pipeline)
+    assert pending.exit_code == 0 and "still running" in pending.output
+    assert not ctx.run.is_done(ctx.run.stage_dir("judge") / "llava-bench")
+
+    stub.script.batch_polls = 0
+    collected = invoke("judge", "--collect", "-p", pipeline)
+    assert collected.exit_code == 0, collected.output
+    assert ctx.run.is_done(ctx.run.stage_dir("judge") / "llava-bench")
+    assert ctx.run.is_done(ctx.run.stage_dir("report") / "llava-bench")  # written here, after the judging
+    assert len(stub.requests_to("POST", "/v1/batches")) == 1  # one batch, never submitted twice
+    assert not ctx.run.jobs_file.exists() or all(
+        json.loads(line)["executor"] != "slurm" for line in ctx.run.jobs_file.read_text().splitlines())
+    assert_key_nowhere(ctx.run.root)

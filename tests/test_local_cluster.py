@@ -1,4 +1,6 @@
-"""Tests of the local single-node Slurm cluster itself (slurm/local/start.sh), driven through submitit.
+"""Tests of the local Slurm cluster itself (slurm/local/start.sh): several nodes in network namespaces of their own,
+GPUs as GRES, the GPU and CPU partitions' policy, enforced accounts, JobRequeue=0, offline compute nodes; and
+submitit against it.
 
 Skipped when no Slurm answers (``sinfo`` missing or failing); with ``LLAVA_HPC_REQUIRE_SLURM=1`` (CI)
 they fail instead. Every wait is bounded by a deadline; leftover jobs are cancelled on teardown.
@@ -6,8 +8,10 @@ they fail instead. Every wait is bounded by a deadline; leftover jobs are cancel
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +22,7 @@ from typing import Callable, Iterable
 import cloudpickle
 import pytest
 import submitit
+from conftest import SLURM_ACCOUNT, cluster_address
 from submitit.helpers import Checkpointable
 
 # The job processes cannot import this test module (pytest puts tests/ on sys.path only in this
@@ -26,7 +31,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.slurm
 
-LOCAL_PARTITIONS = {"debug", "spgpu", "urgent"}
+LOCAL_PARTITIONS = {"standard", "spgpu", "urgent"}
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED",
@@ -121,7 +126,7 @@ def result_of(job: submitit.Job, timeout: float = 60):
         time.sleep(1)  # the result file may land just after the state flips
     if not job.paths.result_pickle.exists():
         pytest.fail(f"job ended without a result: {_describe(job)}", pytrace=False)
-    return job.result()
+    return job.results()[0]  # rank 0's (a multi-task job has one result per task)
 
 
 def submitit_state(job: submitit.Job, states: Iterable[str], timeout: float = 20) -> str:
@@ -140,9 +145,12 @@ def executor(tmp_path: Path):
     """Factory of slurm AutoExecutors; every job they submit is cancelled on teardown."""
     name = f"llava-hpc-test-{uuid.uuid4().hex[:8]}"
 
-    def make(partition: str = "debug", **params) -> submitit.AutoExecutor:
+    def make(partition: str = "standard", requeue: bool = False, **params) -> submitit.AutoExecutor:
         ex = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm")
-        ex.update_parameters(name=name, timeout_min=30, slurm_partition=partition, cpus_per_task=1)
+        ex.update_parameters(name=name, timeout_min=30, slurm_partition=partition, cpus_per_task=1,
+                             slurm_account=SLURM_ACCOUNT)
+        if requeue:  # JobRequeue=0 on this cluster, as on many: a job that must come back asks for it
+            params["slurm_additional_parameters"] = {"requeue": True, **params.get("slurm_additional_parameters", {})}
         if params:
             ex.update_parameters(**params)
         return ex
@@ -250,14 +258,109 @@ def test_spgpu_job_sees_fake_gpu(executor) -> None:
 @pytest.mark.slow
 def test_checkpointable_job_preempted_by_urgent_is_requeued(executor, tmp_path: Path) -> None:
     log = tmp_path / "resumable.log"
-    victim = executor("spgpu", gpus_per_node=1).submit(_Resumable(str(log)))
+    victim = executor("spgpu", requeue=True, gpus_per_node=1).submit(_Resumable(str(log)))
     wait_until(lambda: log.exists() and log.read_text().count("start") >= 1, 60, "the victim job to start")
 
-    urgent = executor("urgent", gpus_per_node=2).submit(_cuda_visible_devices)
-    assert result_of(urgent, timeout=60) == "0,1"  # it got both GPUs, so the victim was preempted
+    # Every GPU of every node: wherever the victim runs, it is preempted.
+    urgent = executor("urgent", nodes=2, gpus_per_node=2).submit(_cuda_visible_devices)
+    assert result_of(urgent, timeout=60) == "0,1"
 
     assert result_of(victim, timeout=90) == "resumed"
     starts = log.read_text().splitlines()
     assert len(starts) == 2 and "preempted=True" in starts[1], starts
     assert "scontrol ran with SIGTERM ignored" in victim.stdout()  # the hardened requeue did it
     assert submitit_state(victim, {"COMPLETED"}) == "COMPLETED"
+
+
+# --------------------------------------------------------------------------- the cluster as a university's
+def srun(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["srun", "--time=2", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_nodes_are_hosts_of_their_own():
+    out = srun("-A", SLURM_ACCOUNT, "-N2", "--ntasks-per-node=1", "bash", "-c",
+               "echo $(hostname) $(hostname -I) $SLURM_PROCID")
+    assert out.returncode == 0, out.stderr
+    rows = sorted(line.split() for line in out.stdout.splitlines())
+    assert [row[0] for row in rows] == ["node1", "node2"]
+    addresses = {row[1] for row in rows}
+    assert len(addresses) == 2 and cluster_address() not in addresses
+    assert all(a.rsplit(".", 1)[0] == cluster_address().rsplit(".", 1)[0] for a in addresses)  # the bridge's /24
+
+
+def test_gpus_are_gres_on_every_node_and_enforced():
+    out = srun("-A", SLURM_ACCOUNT, "-p", "spgpu", "-N2", "--gpus-per-node=1", "bash", "-c",
+               "echo $(hostname)=$CUDA_VISIBLE_DEVICES")
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split()) == ["node1=0", "node2=0"]
+    too_many = srun("-A", SLURM_ACCOUNT, "-p", "spgpu", "--gpus-per-node=3", "true")
+    assert too_many.returncode != 0 and "Requested node configuration is not available" in too_many.stderr
+
+
+def test_every_job_must_name_a_valid_account():
+    missing = srun("true")
+    assert missing.returncode != 0 and "requires an account" in missing.stderr
+    wrong = srun("-A", "no-such-lab", "true")
+    assert wrong.returncode != 0 and "Invalid account" in wrong.stderr
+    assert srun("-A", SLURM_ACCOUNT, "true").returncode == 0
+    batch = subprocess.run(["sbatch", "--wrap", "true", "-o", "/dev/null"], capture_output=True, text=True)
+    assert batch.returncode != 0 and "requires an account" in batch.stderr
+
+
+def test_gpu_partition_takes_gpu_jobs_and_cpu_partition_cpu_jobs():
+    no_gpu = srun("-A", SLURM_ACCOUNT, "-p", "spgpu", "true")
+    assert no_gpu.returncode != 0 and "spgpu is a GPU partition" in no_gpu.stderr
+    zero_gpus = srun("-A", SLURM_ACCOUNT, "-p", "spgpu", "--gpus-per-node=0", "true")
+    assert zero_gpus.returncode != 0 and "spgpu is a GPU partition" in zero_gpus.stderr
+    gpu_on_cpu = srun("-A", SLURM_ACCOUNT, "-p", "standard", "--gpus-per-node=1", "true")
+    assert gpu_on_cpu.returncode != 0 and "standard has no GPUs" in gpu_on_cpu.stderr
+
+
+def test_nothing_is_requeued_unless_the_job_asks():
+    jobs = {}
+    for flag in ("--no-requeue", "--requeue"):
+        out = subprocess.run(["sbatch", "--parsable", "-A", SLURM_ACCOUNT, flag, "-o", "/dev/null", "--wrap",
+                              "sleep 60"], capture_output=True, text=True, check=True)
+        jobs[flag] = out.stdout.strip()
+    try:
+        for job in jobs.values():
+            wait_state(job, {"RUNNING"}, 30)
+        refused = subprocess.run(["scontrol", "requeue", jobs["--no-requeue"]], capture_output=True, text=True)
+        assert refused.returncode != 0 and "disabled" in refused.stderr
+        assert subprocess.run(["scontrol", "requeue", jobs["--requeue"]], capture_output=True).returncode == 0
+        assert "JobRequeue=0" in _run("scontrol", "show", "config").replace(" ", "")
+    finally:
+        _run("scancel", *jobs.values())
+
+
+def _listener() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    return server, server.getsockname()[1]
+
+
+def test_compute_nodes_reach_only_the_cluster(tmp_path):
+    """From a node: the controller answers, the other node is routable, this machine's loopback services and
+    anything beyond the bridge are not (no packet leaves: there is no route). The login side reaches loopback."""
+    server, port = _listener()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # the login side reaches its loopback service
+        probe = tmp_path / "probe.py"
+        probe.write_text(
+            "import socket, sys\n"
+            "for host, port in [(sys.argv[1], 6817), ('127.0.0.1', int(sys.argv[2])), ('1.1.1.1', 443)]:\n"
+            "    s = socket.socket(); s.settimeout(3)\n"
+            "    try:\n"
+            "        s.connect((host, port)); print(host, 'ok')\n"
+            "    except OSError as e:\n"
+            "        print(host, e.errno)\n")
+        out = srun("-A", SLURM_ACCOUNT, "-N2", sys.executable, str(probe), cluster_address(), str(port))
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines.count(f"{cluster_address()} ok") == 2
+        assert lines.count(f"127.0.0.1 {errno.ECONNREFUSED}") == 2  # the node's own loopback, not this machine's
+        assert lines.count(f"1.1.1.1 {errno.ENETUNREACH}") == 2
+    finally:
+        server.close()

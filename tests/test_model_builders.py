@@ -68,7 +68,7 @@ def test_missing_local_model_names_the_path_and_the_login_node_fix(tmp_path):
 def test_uncached_hub_model_fails_fast_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ModelNotAvailableError, match="huggingface-cli download"):
+    with pytest.raises(ModelNotAvailableError, match="hf download meta-llama"):
         build_llava(LlavaSpec(llm=LLMSpec(name="meta-llama/Llama-3.2-1B-Instruct")))
 
 

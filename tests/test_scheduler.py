@@ -190,3 +190,18 @@ def test_stage_jobs_requeue_with_the_hardened_requeue(monkeypatch, tmp_path):
         monkeypatch.setattr(SlurmJobEnvironment, "_requeue", submitit_requeue)
         assert call(str(tmp_path), "t0") == {"ran": "t0"}
         assert SlurmJobEnvironment._requeue is scheduler._requeue_surviving_its_own_kill
+
+
+def test_the_reason_of_a_multi_rank_failure_is_its_exception_not_srun_epilogue(tmp_path):
+    """torch prefixes every traceback line of a distributed process with "[rankN]:"; srun's own lines come after."""
+    from llava_hpc.scheduler import TaskState
+
+    log = tmp_path / "9_0_log.err"
+    log.write_text("[rank0]: Traceback (most recent call last):\n"
+                   "[rank0]:   File \"loop.py\", line 1, in train\n"
+                   "[rank0]: llava_hpc.data.features_io.CorruptShardError: part-00001.parquet: checksum mismatch\n"
+                   "srun: error: node1: task 0: Exited with exit code 1\n"
+                   "srun: error: node2: task 1: Exited with exit code 1\n")
+    state = TaskState("9", "FAILED", exit_code="1:0", log_err=str(log))
+    row = summarize("stage2", submission(["9"], tmp_path), {"9": state}, done=False)
+    assert row.reason.endswith("CorruptShardError: part-00001.parquet: checksum mismatch"), row.reason

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_pipeline_dict, write_pipeline
+from conftest import SLURM_ACCOUNT, small_pipeline_dict, wait_for, write_pipeline
 
 from llava_hpc.config import load_pipeline
 from llava_hpc.data.features_io import read_shard, shard_paths, verify_shard
@@ -28,7 +28,7 @@ def slurm_pipeline(tmp_path: Path, name="pipeline.toml", **sections) -> Path:
         tmp_path / "run",
         executor="slurm",
         python=sys.executable,
-        slurm={"partition": "debug", "cpus": 1, "mem_gb": 1, "time": 10},
+        slurm={"partition": "standard", "account": SLURM_ACCOUNT, "cpus": 1, "mem_gb": 1, "time": 10},
         stages={
             "features": {"batch_size": 8, "shard_size": 8, "array_tasks": 4},
             "stage1": {"dataset": "pretrain"},
@@ -61,15 +61,6 @@ def status_rows(cwd, *args):
     return {row["stage"]: row for row in json.loads(cli("status", "--json", *args, cwd=cwd).stdout)}
 
 
-def wait_for(predicate, timeout=240, poll=1.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
 
 def sacct_field(job_id: str, field: str) -> set[str]:
     out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", field], capture_output=True, text=True).stdout
@@ -79,7 +70,7 @@ def sacct_field(job_id: str, field: str) -> set[str]:
 def test_submit_features_array_in_spgpu_and_status_until_done(tmp_path):
     slurm_pipeline(tmp_path)
     # Exactly as a user types it: ./pipeline.toml found by default.
-    out = cli("submit", "features", "--partition", "spgpu", cwd=tmp_path).stdout
+    out = cli("submit", "features", "--partition", "spgpu", "--gpus", "1", cwd=tmp_path).stdout
     assert "submitted array of 8" in out
     rows = status_rows(tmp_path)
     assert rows["features"]["state"] in ("pending", "running", "done")
@@ -135,7 +126,8 @@ def test_dependent_stage_waits_afterok_and_a_failed_dependency_cancels_it(tmp_pa
         broken_dir, datasets={"mine": {"kind": "llava-json", "path": str(data_file), "images": str(broken_dir)}},
         stages={"features": {"datasets": ["mine"], "shard_size": 8, "array_tasks": 4}, "stage1": {"dataset": "mine"},
                 "stage2": {"dataset": "mine"}},
-        slurm={"partition": "debug", "cpus": 1, "mem_gb": 1, "time": 10, "additional": {"begin": "now+3"}},
+        slurm={"partition": "standard", "account": SLURM_ACCOUNT, "cpus": 1, "mem_gb": 1, "time": 10,
+               "additional": {"begin": "now+3"}},
     ))
     c = Orchestrator(broken, RunDir(broken.run_dir))
     sub_c = c.submit("features")[0].submission

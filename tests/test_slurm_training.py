@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_pipeline_dict, write_pipeline
+from conftest import SLURM_ACCOUNT, small_pipeline_dict, write_pipeline
 from safetensors.torch import load_file
 
 from llava_hpc.config import load_pipeline
@@ -27,7 +27,7 @@ def pipeline_file(directory: Path, run_dir: Path, stage2: dict, slurm2: dict) ->
         run_dir,
         executor="slurm",
         python=sys.executable,
-        slurm={"partition": "debug", "cpus": 1, "mem_gb": 2, "time": 20},
+        slurm={"partition": "standard", "account": SLURM_ACCOUNT, "cpus": 1, "mem_gb": 2, "time": 20},
         stages={
             "features": {"batch_size": 32, "shard_size": 32, "array_tasks": 1},
             "stage1": {"dataset": "pretrain", "batch_size": 16, "zero_stage": 0, "epochs": 1, "lr": 3e-3},
@@ -113,10 +113,16 @@ def test_stage2_deepspeed_two_slurm_tasks(tmp_path, prepared_run, zero_stage):
 
 
 def _preempt_gpu_jobs() -> str:
-    """A job in `urgent` asking for both (fake) GPUs: Slurm preempts whatever holds them in spgpu."""
-    out = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:2", "--time=2", "-o", "/dev/null",
-                          "--wrap", "sleep 3"], check=True, capture_output=True, text=True)
+    """A job in `urgent` asking for every (fake) GPU of every node: Slurm preempts whatever holds one in spgpu."""
+    out = subprocess.run(["sbatch", "--parsable", "-A", SLURM_ACCOUNT, "-p", "urgent", "-N2", "--gres=gpu:2",
+                          "--time=2", "-o", "/dev/null", "--wrap", "sleep 3"], check=True, capture_output=True, text=True)
     return out.stdout.strip()
+
+
+def _last_step(run_dir: Path) -> int:
+    metrics = run_dir / "stage2" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
 
 
 def _sacct_states(job_id: str) -> list[str]:
@@ -124,34 +130,39 @@ def _sacct_states(job_id: str) -> list[str]:
     return [line.split()[0] for line in out.stdout.split() if line]
 
 
-def test_preempted_training_resumes_to_the_same_weights(tmp_path, prepared_run):
-    stage2 = {"zero_stage": 0, "epochs": 4}  # 24 steps of ~1 s: preempted mid-way, after a checkpoint
-    clean = fresh_run(tmp_path, prepared_run, "clean", stage2, {"partition": "debug"})
+def test_preempted_training_checkpoints_on_the_signal_and_resumes_to_the_same_weights(tmp_path, prepared_run):
+    # save_every_steps far beyond the run: the only checkpoint before the end is the one the preemption signal asks
+    # for, so the requeued job loses at most the step in flight. 24 steps of ~1 s, preempted mid-way.
+    stage2 = {"zero_stage": 0, "epochs": 4, "save_every_steps": 1000}
+    clean = fresh_run(tmp_path, prepared_run, "clean", stage2, {"partition": "standard"})
     preempted = fresh_run(tmp_path, prepared_run, "preempted", stage2, {"partition": "spgpu", "gpus": 1})
     slow = {"LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "1"}
     submit_stage2(clean, slow)
     submission = submit_stage2(preempted, slow)
-    checkpoints = preempted.run.root / "stage2" / "checkpoints"
     deadline = time.time() + 180
-    while not list(checkpoints.glob("step-*/_COMPLETE")):
-        assert time.time() < deadline, "no checkpoint before preemption"
-        time.sleep(0.5)
+    while _last_step(preempted.run.root) < 4:
+        assert time.time() < deadline, "stage 2 made no progress"
+        time.sleep(0.3)
+    steps_before = _last_step(preempted.run.root)
     _preempt_gpu_jobs()
     wait_done(preempted)
     wait_done(clean)
     states = _sacct_states(submission.job_ids[0])
     assert len(states) >= 2 and states[-1] == "COMPLETED", states  # it ran again after preemption
     summary = json.loads((preempted.run.root / "stage2" / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= 2
+    assert summary["resumed_from_step"] >= steps_before  # nothing finished before the signal was lost
+    log = (preempted.run.root / "logs" / "stage2" / f"{submission.job_ids[0]}_0_log.err").read_text()
+    assert "checkpoint at step" in log and "after the scheduler's signal" in log
     a, b = exported_weights(clean.run.root), exported_weights(preempted.run.root)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_timeout_requeues_and_resumes(tmp_path, prepared_run):
+def test_timeout_checkpoints_on_the_signal_then_requeues_and_resumes(tmp_path, prepared_run):
     # Time limit 2 min, USR2 60 s before it. slurmctld checks time limits only every ~30 s, so the signal
     # lands 60-90 s in: 24 steps of >= 5 s cannot finish inside one attempt, whatever the machine's speed
-    # (at 2 s a step a fast attempt sometimes finished before the signal and nothing was tested).
-    orchestrator = fresh_run(tmp_path, prepared_run, "timeout", {"zero_stage": 0, "epochs": 4},
+    # (at 2 s a step a fast attempt sometimes finished before the signal and nothing was tested). No scheduled
+    # checkpoint falls inside the run: resuming past step 0 means the signal's checkpoint was written.
+    orchestrator = fresh_run(tmp_path, prepared_run, "timeout", {"zero_stage": 0, "epochs": 4, "save_every_steps": 1000},
                              {"time": 2, "signal_delay_s": 60})
     submission = submit_stage2(orchestrator, {"LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "5"})
     wait_done(orchestrator, timeout=600)

@@ -157,3 +157,19 @@ def test_generate_waits_on_the_stage_whose_model_it_uses(tmp_path):
     ctx.pipeline.stages.generate.model = "stage1"
     assert needs("generate", ctx) == ("stage1",)
     assert upstream("report", ["features", "stage1", "stage2"], ctx) == ["stage1"]
+
+
+def test_bf16_is_refused_on_gpus_without_it_never_emulated(monkeypatch):
+    """A V100 (compute capability 7.0) would emulate bf16, slowly and silently: refused with what to set instead;
+    'auto' takes fp16 (with loss scaling) there and bf16 from Ampere on."""
+    from llava_hpc.train.loop import resolve_precision
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.raises(ValueError, match=r"Tesla V100-SXM2-16GB \(compute capability 7.0\) has no native bf16.*'fp16'"):
+        resolve_precision("bf16", gpu)
+    assert resolve_precision("auto", gpu) == "fp16" and resolve_precision("fp16", gpu) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # A40
+    assert resolve_precision("bf16", gpu) == "bf16" and resolve_precision("auto", gpu) == "bf16"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

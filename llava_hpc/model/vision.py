@@ -49,8 +49,7 @@ class ModelNotAvailableError(RuntimeError):
 def offline_hint(name: str) -> str:
     return (
         f"model {name!r} is not available locally. Compute nodes usually have no internet: on a login node run\n"
-        f"    huggingface-cli download {name}\n"
-        f"(or `python -c \"from huggingface_hub import snapshot_download; snapshot_download('{name}')\"`)\n"
+        f"    hf download {name}\n"
         f"so it lands in the HF cache shared with the compute nodes (HF_HOME), or point the pipeline at a local directory."
     )
 

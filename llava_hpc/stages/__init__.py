@@ -3,7 +3,8 @@
 Each stage is a module with:
     plan(ctx) -> list[Task]     the tasks still to run (one job, or an array when there are several)
     run(ctx, task) -> dict      do one task; read inputs from and write outputs to the run directory
-    is_done(ctx) -> bool        whether its `_SUCCESS` marker(s) exist
+    is_done(ctx, **plan_options) -> bool
+                                whether its `_SUCCESS` marker(s) exist (for what the plan options select)
     progress(ctx) -> str | None optional: a short progress note for `status` (e.g. "37/40 shards")
     reset(ctx)                  optional: what `--force` removes besides the `_SUCCESS` markers
     needs(ctx) -> [stage]       optional: the stages it reads from when that depends on the pipeline
@@ -12,6 +13,10 @@ Each stage is a module with:
                                 optional: whether what it will read from `parent` is there, when that is less
                                 than all of `parent` (judge --bench X needs only X's answers); default:
                                 the parent's is_done
+    preflight(ctx) -> [str]     optional: problems that would make its job fail at once (a model not in the local
+                                cache, a missing key file), checked before anything is submitted
+    login_side(ctx) -> str|None optional, Slurm only: why the stage is not submitted as a job and what to run on
+                                the login side instead (the judge, where compute nodes cannot reach its endpoint)
 Stages never import one another: they meet in the run directory.
 """
 
@@ -68,6 +73,9 @@ class Task:
 class StageContext:
     pipeline: Pipeline
     run: RunDir
+    executor: str = "debug"  # where the stages are being submitted (a job rebuilding its context runs in place)
+    dry_run: bool = False  # planning for --dry-run: unreadable inputs become warnings, not errors
+    warnings: list[str] = field(default_factory=list)
 
 
 def built_stages() -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from llava_hpc.config import Dataset, Pipeline
-from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec
+from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, missing_models
 from llava_hpc.model.vision import TinyVisionSpec, VisionTowerSpec
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
 
@@ -41,6 +41,11 @@ def llava_spec(pipeline: Pipeline) -> LlavaSpec:
         projector=model.projector,
         max_length=model.max_length,
     )
+
+
+def model_preflight(pipeline: Pipeline) -> list[str]:
+    """The vision tower and the LLM (with its tokenizer) must load offline: jobs run with HF_HUB_OFFLINE=1."""
+    return missing_models([pipeline.model.vision_tower, pipeline.model.llm])
 
 
 def synthetic_world(pipeline: Pipeline) -> SyntheticWorld:

@@ -42,6 +42,7 @@ from llava_hpc.stages.common import (
     BadRecord,
     compute_device,
     load_trained_model,
+    model_preflight,
     stage1_projector_path,
     stage2_model_dir,
 )
@@ -69,6 +70,11 @@ def reset(ctx: StageContext) -> None:
     for name in ctx.pipeline.generate_benches():
         for path in output_dir(ctx, name).glob("part-*"):
             path.unlink()
+
+
+def preflight(ctx: StageContext) -> list[str]:
+    # The stage-2 model is exported with its tokenizer and vision tower; with stage 1's projector the base models load.
+    return model_preflight(ctx.pipeline) if ctx.pipeline.stages.generate.model == "stage1" else []
 
 
 def _load_bench(ctx: StageContext, name: str) -> BenchData:
@@ -131,7 +137,15 @@ def plan(ctx: StageContext) -> list[Task]:
         directory = output_dir(ctx, name)
         if ctx.run.is_done(directory):
             continue
-        data = _load_bench(ctx, name)
+        try:
+            data = _load_bench(ctx, name)
+        except (OSError, ValueError) as exc:
+            if not ctx.dry_run:
+                raise
+            ctx.warnings.append(f"generate: bench {name!r}: {exc}; planned {settings.array_tasks} task(s)")
+            tasks.extend(Task(stage="generate", index=len(tasks) + k, label=f"{name} {k + 1}/{settings.array_tasks}",
+                              payload={"bench": name, "chunks": []}) for k in range(settings.array_tasks))
+            continue
         count = _chunk_count(len(data.questions))
         if _model_ready(ctx):
             chunks = _missing_chunks(directory, count, generation_key(ctx, name, data.questions))

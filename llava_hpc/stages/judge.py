@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_hpc.eval.benches import load_bench
+from llava_hpc.eval.endpoint import job_key_problem, judge_placement, key_from_file
 from llava_hpc.eval.judge import (
     CHARS_PER_TOKEN,
     CachedAsker,
@@ -38,6 +39,7 @@ from llava_hpc.eval.judge import (
     reply_cost,
 )
 from llava_hpc.eval.judge_transport import (
+    BatchPending,
     BatchTransport,
     ChatReply,
     ChatRequest,
@@ -93,8 +95,9 @@ def judged_benches(ctx: StageContext) -> list[str]:
     return [name for name in ctx.pipeline.generate_benches() if ctx.pipeline.benches[name].kind in JUDGED_KINDS]
 
 
-def is_done(ctx: StageContext) -> bool:
-    return all(ctx.run.is_done(output_dir(ctx, name)) for name in judged_benches(ctx))
+def is_done(ctx: StageContext, benches: list[str] | None = None) -> bool:
+    return all(ctx.run.is_done(output_dir(ctx, name)) for name in judged_benches(ctx)
+               if benches is None or name in benches)
 
 
 def plan(ctx: StageContext, benches: list[str] | None = None) -> list[Task]:
@@ -119,6 +122,30 @@ def run(ctx: StageContext, task: Task) -> dict:
     return judge_bench(ctx, task.payload["bench"], local=False)
 
 
+def login_side(ctx: StageContext) -> str | None:
+    """On Slurm: why the judge is not a job (and what to run instead), or None where a job can do it."""
+    if not judged_benches(ctx):
+        return None
+    placement = judge_placement(ctx.pipeline)
+    return None if placement.as_job else placement.reason
+
+
+def preflight(ctx: StageContext) -> list[str]:
+    """What would make a judge job fail at once, found at submit time instead."""
+    if not judged_benches(ctx) or not judge_placement(ctx.pipeline).as_job:
+        return []
+    problem = job_key_problem(ctx.pipeline)
+    return [problem] if problem else []
+
+
+def batches_pending(ctx: StageContext, bench: str) -> list[dict]:
+    """The bench's Batch API batches not collected yet (recorded by the transport in batches.json)."""
+    path = output_dir(ctx, bench) / "batches.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["batches"] if not r["collected"]]
+
+
 def progress(ctx: StageContext) -> str | None:
     notes = []
     for name in judged_benches(ctx):
@@ -128,6 +155,11 @@ def progress(ctx: StageContext) -> str | None:
             summary = json.loads(summary_path.read_text())
             score = summary["scores"]["all"]["relative_score"]
             notes.append(f"{name}: {score} % relative ({summary['n']} judged)")
+        elif pending := batches_pending(ctx, name):
+            done = sum(r.get("completed", 0) for r in pending)
+            total = sum(len(r["keys"]) for r in pending)
+            notes.append(f"{name}: {len(pending)} batch(es) at the API ({done}/{total} done at the last look); "
+                         "collect with `llava-hpc judge --collect`")
         elif (directory / "cache").is_dir():
             notes.append(f"{name}: {sum(1 for _ in (directory / 'cache').glob('*.json'))} replies cached")
     return "; ".join(notes) or None
@@ -282,18 +314,18 @@ def _batch_poll_s() -> float:
     return float(value) if value else DEFAULT_BATCH_POLL_S
 
 
-def _transport_factory(job: BenchJudging, local: bool):
+def _transport_factory(job: BenchJudging, local: bool, wait: bool):
     config = job.config
 
     def make():
         where = ("in this shell" if local else
-                 "in the shell you submit from (sbatch passes its environment to the job), or `source` a private file "
-                 "in [slurm] setup")
-        key = api_key_from_env(config.api_key_env, config.base_url, where)
+                 f"in the job's environment, or write it to {config.key_file()} (mode 600; sbatch is never given it)")
+        key = api_key_from_env(config.api_key_env, config.base_url, where,
+                               fallback=None if local else key_from_file(job.ctx.pipeline))
         client = make_client(config.base_url, key, config.max_retries, config.timeout_s)
         if config.transport == "batch":
             return BatchTransport(client, job.directory / "batches.json", poll_s=_batch_poll_s(), scrub=scrubber(key),
-                                  label=f"llava-hpc {job.ctx.pipeline.name} judge {job.name}")
+                                  label=f"llava-hpc {job.ctx.pipeline.name} judge {job.name}", wait=wait)
         return SyncTransport(client, config.max_concurrency, scrub=scrubber(key))
 
     return make
@@ -307,12 +339,13 @@ def _fail_incomplete(name: str, directory: Path, outcome_failures: list) -> None
     )
 
 
-def judge_bench(ctx: StageContext, bench_name: str, local: bool) -> dict:
+def judge_bench(ctx: StageContext, bench_name: str, local: bool, wait: bool = True) -> dict:
     """Judge one bench and write its outputs; returns the summary.
 
-    local=True: `llava-hpc judge --local` on this machine (a login node with network; the CLI sets the private umask
-    first, as for every command); local=False: inside the judge stage's job. The work is the same; they differ in
-    where a missing API key must be exported."""
+    local=True: `llava-hpc judge` on this machine (a login node with network; the CLI sets the private umask first,
+    as for every command); local=False: inside the judge stage's job. The work is the same; they differ in where the
+    API key comes from. wait=False (Batch API only): submit what is needed, collect what has finished, and return
+    {"pending": ...} instead of waiting while batches still run; call again to go on."""
     job = BenchJudging(ctx, bench_name)
     directory = job.directory
     ctx.run.clear_done(directory)
@@ -321,7 +354,17 @@ def judge_bench(ctx: StageContext, bench_name: str, local: bool) -> dict:
         raise FileNotFoundError(f"{generated / 'answers.jsonl'}: generate is not done for bench {bench_name!r}; "
                                 "submit generate first")
     answers = read_candidate_answers(generated / "answers.jsonl", {q["question_id"] for q in job.data.questions})
-    asker = CachedAsker(job.cache, _transport_factory(job, local))
+    asker = CachedAsker(job.cache, _transport_factory(job, local, wait))
+    try:
+        return _judge(ctx, job, answers, asker)
+    except BatchPending as pending:
+        log.info("%s: %s", bench_name, pending)
+        return {"bench": bench_name, "pending": str(pending),
+                "batches": [r["batch_id"] for r in pending.records]}
+
+
+def _judge(ctx: StageContext, job: BenchJudging, answers: dict, asker: CachedAsker) -> dict:
+    bench_name, directory = job.name, job.directory
     logged: list[ChatRequest] = []
 
     def log_requests(requests: list[ChatRequest]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from llava_hpc import faults
 from llava_hpc.eval import exact_match, judged_report
 from llava_hpc.eval.benches import BenchData, load_bench
+from llava_hpc.eval.endpoint import judge_placement
 from llava_hpc.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from llava_hpc.stages import StageContext, Task
 
@@ -37,17 +38,47 @@ def _is_exact(ctx: StageContext, name: str) -> bool:
     return ctx.pipeline.benches[name].kind == "synthetic"
 
 
-def is_done(ctx: StageContext) -> bool:
-    return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.generate_benches())
+def is_done(ctx: StageContext, benches: list[str] | None = None) -> bool:
+    return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.generate_benches()
+               if benches is None or name in benches)
 
 
-def plan(ctx: StageContext) -> list[Task]:
+def _after_login_judging(ctx: StageContext) -> str | None:
+    later = [name for name in ctx.pipeline.generate_benches()
+             if _judged_on_login_side(ctx, name) and not ctx.run.is_done(output_dir(ctx, name))]
+    return f"{', '.join(later)}: written by `llava-hpc judge` on the login side once judged" if later else None
+
+
+def login_side(ctx: StageContext) -> str | None:
+    """When what is left to report is only benches judged on the login side: no job for it, and why."""
+    return None if plan(ctx) else _after_login_judging(ctx)
+
+
+def _judged_on_login_side(ctx: StageContext, name: str) -> bool:
+    """A judged bench whose judging is not a job of this chain (on Slurm: the Batch API, an endpoint compute nodes
+    cannot reach): its report is written by the login side's `llava-hpc judge` once the reviews are in."""
+    return (ctx.executor == "slurm" and not _is_exact(ctx, name)
+            and not ctx.run.is_done(ctx.run.stage_dir("judge") / name) and not judge_placement(ctx.pipeline).as_job)
+
+
+def plan(ctx: StageContext, benches: list[str] | None = None) -> list[Task]:
+    names = [name for name in ctx.pipeline.generate_benches() if benches is None or name in benches]
     return [
         Task(stage="report", index=index, label=f"{name} ({'exact match' if _is_exact(ctx, name) else 'judged'})",
              payload={"bench": name})
         for index, name in enumerate(
-            name for name in ctx.pipeline.generate_benches() if not ctx.run.is_done(output_dir(ctx, name)))
+            name for name in names
+            if not ctx.run.is_done(output_dir(ctx, name)) and not _judged_on_login_side(ctx, name))
     ]
+
+
+def inputs_ready(ctx: StageContext, parent: str, benches: list[str] | None = None) -> bool:
+    """The answers and reviews of the benches it will report now (those judged later on the login side are not
+    waited for)."""
+    names = [task.payload["bench"] for task in plan(ctx, benches)]
+    if parent == "judge":
+        names = [name for name in names if not _is_exact(ctx, name)]
+    return all(ctx.run.is_done(ctx.run.stage_dir(parent) / name) for name in names)
 
 
 def run(ctx: StageContext, task: Task) -> dict:
@@ -168,6 +199,8 @@ def progress(ctx: StageContext) -> str | None:
                 notes.append(f"{name}: {score} exact match (chance {chance})")
             else:
                 notes.append(f"{name}: {summary['all']['relative_score']} % relative")
+        elif _judged_on_login_side(ctx, name):
+            notes.append(f"{name}: written by `llava-hpc judge` on the login side once judged")
         elif not _is_exact(ctx, name):
             notes.append(f"{name}: waits for the judge")
     return "; ".join(notes) or None

@@ -28,6 +28,10 @@ def progress(ctx: StageContext) -> str | None:
     return training.progress(ctx, STAGE)
 
 
+def preflight(ctx: StageContext) -> list[str]:
+    return training.preflight(ctx, STAGE)
+
+
 def reset(ctx: StageContext) -> None:
     training.reset(ctx, STAGE)
 

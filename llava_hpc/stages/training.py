@@ -19,7 +19,7 @@ from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.model.builders import build_llava
 from llava_hpc.rundir import atomic_write_json
 from llava_hpc.stages import StageContext, Task
-from llava_hpc.stages.common import llava_spec, load_records
+from llava_hpc.stages.common import llava_spec, load_records, model_preflight
 from llava_hpc.train import distributed
 from llava_hpc.train.loop import TrainResult, TrainSettings, plot_loss, train
 
@@ -56,6 +56,10 @@ def reset(ctx: StageContext, stage: str) -> None:
     out_dir = ctx.run.stage_dir(stage)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def preflight(ctx: StageContext, stage: str) -> list[str]:
+    return model_preflight(ctx.pipeline)
 
 
 def progress(ctx: StageContext, stage: str) -> str | None:

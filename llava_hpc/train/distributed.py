@@ -7,11 +7,16 @@ LOCAL_RANK, WORLD_SIZE and a rendezvous address, all derived from SLURM_* variab
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 from dataclasses import dataclass
 
 import torch
+
+
+TIMEOUT_ENV = "LLAVA_HPC_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,16 @@ def setup(env: DistributedEnv) -> torch.device:
         device = torch.device("cpu")
     if env.world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                             timeout=datetime.timedelta(seconds=collective_timeout_s()))
     return device
+
+
+def collective_timeout_s() -> float:
+    """How long a rank waits in a collective (or for the others to join) before it fails: long enough for rank 0 to
+    export a 13B model while the others wait at a barrier, short enough that a dead peer does not hold GPUs for
+    hours (torch's default for gloo is 30 min)."""
+    return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
 
 
 def barrier() -> None:
@@ -72,11 +85,29 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_mean(value: float) -> float:
+def _tensor(values: list[float], dtype=torch.float64) -> torch.Tensor:
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor.cuda() if torch.distributed.get_backend() == "nccl" else tensor
+
+
+def all_reduce_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
+    """The mean of `value` over ranks and whether `flag` is set on any rank, in one all-reduce."""
     if not torch.distributed.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        tensor = tensor.cuda()
+        return value, flag
+    tensor = _tensor([value, float(flag)])
     torch.distributed.all_reduce(tensor)
-    return tensor.item() / torch.distributed.get_world_size()
+    return tensor[0].item() / torch.distributed.get_world_size(), tensor[1].item() > 0
+
+
+def gather_failures(failure: str | None) -> list[tuple[int, str]]:
+    """(rank, message) of every rank that failed, in rank order; empty if none did. Collective. The usual case costs
+    one one-element all-reduce; messages travel only when something failed."""
+    if not torch.distributed.is_initialized():
+        return [] if failure is None else [(0, failure)]
+    flag = _tensor([0 if failure is None else 1], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() == 0:
+        return []
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, failure)
+    return [(rank, message) for rank, message in enumerate(gathered) if message is not None]

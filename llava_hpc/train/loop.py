@@ -1,9 +1,11 @@
 """The one training loop both stages use, readable top to bottom.
 
     for step in steps not yet done:
-        for each micro-batch of this rank's share of the global batch: forward, backward
+        read this rank's share of the global batch (every rank agrees it could, before any collective)
+        for each micro-batch: forward, backward
         clip, optimizer step, lr schedule step
-        log metrics; every `save_every_steps` save a checkpoint
+        log metrics; every `save_every_steps` save a checkpoint, and at once when the scheduler's checkpoint
+        signal came (preemption, time limit), then hand over to the requeue
 
 Data order is a pure function of (seed, step): the global sample stream is a concatenation of per-epoch
 permutations, and step s consumes its slice. Resuming at step s therefore sees exactly the samples an
@@ -29,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from llava_hpc import faults
+from llava_hpc import checkpoint_signal, faults
 from llava_hpc.rundir import (
     DiskFullError,
     is_disk_full,
@@ -71,6 +73,10 @@ class TrainSettings:
 
 class ResumeError(RuntimeError):
     pass
+
+
+class RankDataError(RuntimeError):
+    """Another rank could not read its share of a step's batch: every rank stops with that rank's message."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule & data
@@ -131,14 +137,24 @@ def total_steps(num_samples: int, settings: TrainSettings, world_size: int) -> i
     return min(steps, settings.max_steps) if settings.max_steps else steps
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and newer compute in bf16; V100 and T4 would emulate it, slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    if device.type == "cuda" and precision == "bf16" and not native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"precision = 'bf16', but {name} (compute capability {major}.{minor}) has no native bf16 "
+                         "and would emulate it: set precision = 'fp16' (with loss scaling) or 'auto' for this GPU")
     if precision != "auto":
         if precision in ("bf16", "fp16") and device.type == "cpu":
             return "fp32" if precision == "fp16" else "bf16"
         return precision
     if device.type == "cuda":
         # V100-class GPUs have no bf16: fp16 with loss scaling there.
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16(device) else "fp16"
     return "fp32"
 
 
@@ -352,37 +368,64 @@ def train(
     loss_value = float("nan")
     progress = tqdm(range(start, total), initial=start, total=total, desc=stage, disable=not env.is_main,
                     mininterval=5, dynamic_ncols=True)
-    for step in progress:
-        step_started = time.time()
-        indices = stream.global_batch_indices(step)[env.rank * per_rank : (env.rank + 1) * per_rank]
-        losses, tokens = [], 0
-        for micro in range(settings.grad_accum):
-            batch = collate([dataset[i] for i in indices[micro * settings.batch_size : (micro + 1) * settings.batch_size]])
-            batch = batch.to(device)
-            loss = engine.loss(batch.model_inputs())
-            engine.backward(loss)
-            losses.append(loss.item())
-            images = 0 if batch.image_features is None else batch.image_features.shape[0] * (batch.image_features.shape[1] - 1)
-            tokens += int(batch.attention_mask.sum()) + images
-        engine.step()
-        loss_value = distributed.all_reduce_mean(sum(losses) / len(losses))
-        seconds = time.time() - step_started
-        if env.is_main:
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
-            append_jsonl(metrics_file, {
-                "step": step + 1, "loss": loss_value, "lr": engine.lr, "grad_norm": engine.grad_norm,
-                "samples_per_s": stream.global_batch / seconds, "tokens_per_s": tokens * env.world_size / seconds,
-                "memory_gb": _memory_gb(device), "time": time.time(),
-            })
-        done = step + 1
-        if done % settings.save_every_steps == 0 or done == total:
-            save_checkpoint(engine, checkpoints, done, env, settings)
-        if fault_step is not None and done == fault_step and done < total:
-            log.warning("fault injection: exiting after step %d", done)
-            os._exit(3)
-        faults.pause("after_step")
+    with checkpoint_signal.checkpoint_window():
+        for step in progress:
+            step_started = time.time()
+            indices = stream.global_batch_indices(step)[env.rank * per_rank : (env.rank + 1) * per_rank]
+            batches = _read_step(dataset, collate, indices, settings.batch_size, step, env)
+            losses, tokens = [], 0
+            for batch in batches:
+                batch = batch.to(device)
+                loss = engine.loss(batch.model_inputs())
+                engine.backward(loss)
+                losses.append(loss.item())
+                images = 0 if batch.image_features is None else batch.image_features.shape[0] * (batch.image_features.shape[1] - 1)
+                tokens += int(batch.attention_mask.sum()) + images
+            engine.step()
+            # One all-reduce per step carries the mean loss and whether any rank got the checkpoint signal.
+            loss_value, interrupted = distributed.all_reduce_mean_and_any(sum(losses) / len(losses),
+                                                                          checkpoint_signal.requested())
+            seconds = time.time() - step_started
+            if env.is_main:
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
+                append_jsonl(metrics_file, {
+                    "step": step + 1, "loss": loss_value, "lr": engine.lr, "grad_norm": engine.grad_norm,
+                    "samples_per_s": stream.global_batch / seconds, "tokens_per_s": tokens * env.world_size / seconds,
+                    "memory_gb": _memory_gb(device), "time": time.time(),
+                })
+            done = step + 1
+            if done % settings.save_every_steps == 0 or done == total or interrupted:
+                save_checkpoint(engine, checkpoints, done, env, settings)
+            if interrupted and done < total:
+                log.warning("%s: checkpoint at step %d after the scheduler's signal", stage, done)
+                checkpoint_signal.release()
+            if fault_step is not None and done == fault_step and done < total:
+                log.warning("fault injection: exiting after step %d", done)
+                os._exit(3)
+            faults.pause("after_step")
     progress.close()
     return TrainResult(total, start, loss_value, time.time() - started, engine)
+
+
+def _read_step(dataset, collate: Callable, indices: list[int], batch_size: int, step: int, env) -> list:
+    """This rank's micro-batches of a step, read before any collective of the step: a rank that cannot read its
+    data (a corrupt shard) must not leave the others waiting in a gradient all-reduce. All ranks agree first, and
+    all stop with the failing rank's own message."""
+    error: BaseException | None = None
+    batches = []
+    try:
+        for start in range(0, len(indices), batch_size):
+            batches.append(collate([dataset[i] for i in indices[start : start + batch_size]]))
+    except Exception as exc:  # reported to every rank below, then raised here with its own traceback
+        error = exc
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    failures = distributed.gather_failures(failure)
+    if error is not None:
+        raise error
+    if failures:
+        rank, message = failures[0]
+        raise RankDataError(f"step {step + 1}: rank {rank} of {env.world_size} could not read its batch: {message}")
+    return batches
 
 
 def save_checkpoint(engine, checkpoints: Path, step: int, env, settings: TrainSettings) -> None:
