@@ -182,13 +182,13 @@ class Orchestrator:
         wait = self.executor != "slurm" if wait is None else wait
         self._plan_options = plan_options or {}
         self.ctx.dry_run = dry_run
-        problems = self._preflight(stages, force)
-        if problems and not dry_run:
-            raise PreflightError(problems)
-        self.ctx.warnings.extend(problems)
         if dry_run:
+            self.ctx.warnings.extend(self._preflight(stages, force))
             return self._submit_locked(stages, force, dry_run, wait, on_outcome)
         with self.run.lock(f"llava-hpc submit {requested}"):
+            problems = self._preflight(stages, force)
+            if problems:
+                raise PreflightError(problems)
             return self._submit_locked(stages, force, dry_run, wait, on_outcome)
 
     def _preflight(self, stages: list[str], force: bool) -> list[str]:

@@ -68,7 +68,8 @@ def harden_requeue() -> None:
     caller's submitit should stay as it is."""
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit's sbatch script exports it
         return
-    # The one private submitit name the scheduler touches: submitit has no hook for how a job requeues itself.
+    # Private in submitit (as is the dry run's submission text, in sbatch_script): it has no hook for how a job
+    # requeues itself.
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     SlurmJobEnvironment._requeue = _requeue_surviving_its_own_kill
@@ -114,14 +115,10 @@ _SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)",
 OFFLINE_SETUP = "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1"
 
 
-def secret_names(environ=None) -> list[str]:
-    return sorted(name for name in (os.environ if environ is None else environ) if _SECRET_NAME.search(name))
-
-
 @contextmanager
 def _without_secrets():
     """sbatch exports the submitting environment to the job (and Slurm keeps it): hide secrets while it runs."""
-    hidden = {name: os.environ.pop(name) for name in secret_names()}
+    hidden = {name: os.environ.pop(name) for name in list(os.environ) if _SECRET_NAME.search(name)}
     try:
         yield
     finally:
@@ -274,7 +271,7 @@ class Scheduler:
         if not tasks:
             raise SchedulerError(f"stage {stage}: nothing to submit")
         if self.executor_kind == "slurm":
-            require_slurm()
+            _require_slurm()
         executor = self._executor(stage, resources, self.dependency_for(after), checkpointable)
         call = _RequeueableStageCall() if checkpointable else _stage_call
         run_dir = str(self.run.root)
@@ -436,7 +433,7 @@ class Scheduler:
         return cancelled
 
 
-def require_slurm() -> None:
+def _require_slurm() -> None:
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:
         raise SchedulerError(f"{' and '.join(missing)} not found: submitting needs a Slurm login node (here, "
