@@ -75,19 +75,26 @@ def harden_requeue() -> None:
     SlurmJobEnvironment._requeue = _requeue_surviving_its_own_kill
 
 
-def _in_slurm_job() -> None:
-    """What every stage job does first: requeue robustly, and let training checkpoint before submitit's USR2 handler
-    requeues (checkpoint_signal)."""
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return
-    harden_requeue()
-    checkpoint_signal.defer(signal.SIGUSR2)
+def _run_in_job(run_dir: str, task: Task) -> dict:
+    """A stage task as a job runs it. In a Slurm job: requeue robustly, and let training checkpoint before
+    submitit's USR2 handler requeues (checkpoint_signal); once the task has ended, a late USR2 (a job that finishes
+    inside the last signal_delay_s of its time limit) is ignored: it must neither requeue finished work nor kill
+    the exiting process (Python puts the default action, termination, back for its handled signals at exit, and
+    the job would end FAILED after it succeeded)."""
+    in_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    if in_slurm:
+        harden_requeue()
+        checkpoint_signal.defer(signal.SIGUSR2)
+    try:
+        return run_task(run_dir, task)
+    finally:
+        if in_slurm:
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def _stage_call(run_dir: str, task: Task) -> dict:
     """A stage task that is not checkpointable: submitit still requeues it on preemption (not on timeout)."""
-    _in_slurm_job()
-    return run_task(run_dir, task)
+    return _run_in_job(run_dir, task)
 
 
 class _RequeueableStageCall(Checkpointable):
@@ -95,8 +102,7 @@ class _RequeueableStageCall(Checkpointable):
     shards), so resubmitting the same call with the same arguments resumes the work."""
 
     def __call__(self, run_dir: str, task: Task) -> dict:
-        _in_slurm_job()
-        return run_task(run_dir, task)
+        return _run_in_job(run_dir, task)
 
 
 class _SlurmExecutor(submitit.SlurmExecutor):

@@ -138,3 +138,12 @@ def test_judge_placement_follows_what_compute_nodes_reach():
     assert not placed(base_url="http://10.1.2.3:8000/v1", transport="batch")  # batches: always the login side
     assert not placed(base_url="http://10.1.2.3:8000/v1", where="login")
     assert placed(where="job")
+
+
+def test_nodes_on_the_command_line_spread_a_stage_over_nodes(tmp_path):
+    data = small_pipeline_dict(tmp_path / "run", executor="slurm")
+    path = write_pipeline(tmp_path / "p.toml", data)
+    result = cli_without_slurm(tmp_path, "submit", "stage2", "-p", str(path), "--nodes", "2", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^stage2\s+dry-run would submit 1 job of 2 node\(s\) x 1 task\(s\)", result.stdout, re.M)
+    assert "#SBATCH --nodes=2" in scripts_by_stage(result.stdout)["stage2"]

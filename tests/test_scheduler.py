@@ -185,11 +185,18 @@ def test_stage_jobs_requeue_with_the_hardened_requeue(monkeypatch, tmp_path):
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "debug")  # a stage run inside the caller leaves submitit alone
     assert scheduler._RequeueableStageCall()(str(tmp_path), "t0") == {"ran": "t0"}
     assert SlurmJobEnvironment._requeue is submitit_requeue
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # as submitit's sbatch script sets it
-    for call in (scheduler._RequeueableStageCall(), scheduler._stage_call):
-        monkeypatch.setattr(SlurmJobEnvironment, "_requeue", submitit_requeue)
-        assert call(str(tmp_path), "t0") == {"ran": "t0"}
-        assert SlurmJobEnvironment._requeue is scheduler._requeue_surviving_its_own_kill
+    try:
+        for call in (scheduler._RequeueableStageCall(), scheduler._stage_call):
+            monkeypatch.setattr(SlurmJobEnvironment, "_requeue", submitit_requeue)
+            assert call(str(tmp_path), "t0") == {"ran": "t0"}
+            assert SlurmJobEnvironment._requeue is scheduler._requeue_surviving_its_own_kill
+            # Done: a USR2 now (the time-limit warning of a job that finished near its limit) changes nothing.
+            assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+            signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
 
 
 def test_the_reason_of_a_multi_rank_failure_is_its_exception_not_srun_epilogue(tmp_path):
