@@ -1,9 +1,10 @@
 """Reading precomputed features for training: memory and speed of one epoch, bounded store vs everything in RAM.
 
 The baseline is what a user (and llava-hpc before it) would write: decode every shard up front and index the rows,
-then read samples in a global random order. llava-hpc's FeatureStore decodes a shard when first asked and keeps
-`2 x window` of them, and training reads in shard-local windows (SampleStream with groups). Each mode runs in its
-own process so its peak resident memory (ru_maxrss) is its own.
+then read samples in a global random order. llava-hpc's FeatureStore keeps `2 x window` decoded shards, training
+reads in shard-local windows (SampleStream with groups), and the shards of the next global batch are prefetched
+(decoded in the store's background thread while this batch is read). Each mode runs in its own process so its peak
+resident memory (ru_maxrss) is its own.
 
     .venv/bin/python benchmarks/bench_feature_store.py                  # CLIP ViT-L/14-336 width: 576 x 1024 fp16
     .venv/bin/python benchmarks/bench_feature_store.py --quick          # small shapes, seconds
@@ -28,15 +29,15 @@ def write_dataset(directory: Path, shards: int, rows: int, patches: int, hidden:
 
     rng = np.random.default_rng(0)
     for shard in range(shards):
-        ids = [f"{shard}-{row}" for row in range(rows)]
+        images = [f"{shard}-{row}.png" for row in range(rows)]
         features = rng.standard_normal((rows, patches, hidden), dtype=np.float32).astype(np.float16)
-        write_shard(directory, shard, ids, ids, features, [])
+        write_shard(directory, shard, images=images, features=features)
 
 
 def read_epoch(directory: Path, mode: str, window: int, batch: int) -> dict:
     """One epoch in training's order; returns what one process measured of itself."""
     from llava_hpc.data.features_io import FeatureStore, read_shard, shard_paths
-    from llava_hpc.train.loop import SampleStream
+    from llava_hpc.data.sampling import SampleStream
 
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
@@ -44,9 +45,9 @@ def read_epoch(directory: Path, mode: str, window: int, batch: int) -> dict:
     if mode == "all in RAM":
         arrays, index = [], {}
         for number, path in enumerate(shard_paths(directory)):
-            ids, _, features = read_shard(path)
-            arrays.append(features)
-            index.update({sample_id: (number, row) for row, sample_id in enumerate(ids)})
+            shard = read_shard(path)
+            arrays.append(shard.features)
+            index.update({image: (number, row) for row, image in enumerate(shard.images)})
         ids = list(index)
         stream = SampleStream(len(ids), batch, seed=0)
         loads = len(arrays)
@@ -56,12 +57,17 @@ def read_epoch(directory: Path, mode: str, window: int, batch: int) -> dict:
                 checksum += int(arrays[number][row][0, 0].view(np.uint16))
     else:
         store = FeatureStore(directory, verify=True, cache_shards=2 * window)
-        ids = store.ids
-        stream = SampleStream(len(ids), batch, seed=0, groups=[store.shard_of(i) for i in ids], window=window)
-        for step in range(len(ids) // batch):
+        ids = store.images
+        groups = [store.shard_of(i) for i in ids]
+        stream = SampleStream(len(ids), batch, seed=0, groups=groups, window=window)
+        steps = len(ids) // batch
+        for step in range(steps):
+            if step + 1 < steps:  # what training's loader does: the next batch's shards decode while this one is read
+                store.prefetch(groups[i] for i in stream.global_batch_indices(step + 1))
             for i in stream.global_batch_indices(step):
                 checksum += int(store.get(ids[i])[0, 0].view(np.uint16))
         loads = store.shard_loads
+        store.close()
     seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"mode": mode, "samples": len(ids) // batch * batch, "seconds": seconds, "shard_decodes": loads,

@@ -44,13 +44,13 @@ def measure(name: str, tower: VisionTower, images: list[Image.Image], batch: int
     for compression in ("zstd", "none"):
         directory = tmp / f"{name.replace('/', '_')}-{compression}"
         directory.mkdir()
-        sizes[compression] = write_shard(directory, 0, ids, ids, features, [], compression)["bytes"] / len(images)
+        sizes[compression] = write_shard(directory, 0, images=ids, features=features, compression=compression)["bytes"] / len(images)
     # Read throughput on a bigger shard (the same rows repeated) so the number is not just open() overhead.
     repeat = max(1, (64 << 20) // features.nbytes)
     big = np.concatenate([features] * repeat)
     directory = tmp / f"{name.replace('/', '_')}-read"
     directory.mkdir()
-    write_shard(directory, 0, [str(i) for i in range(len(big))], ["x"] * len(big), big, [], "zstd")
+    write_shard(directory, 0, images=[str(i) for i in range(len(big))], features=big, compression="zstd")
     started = time.time()
     read_shard(directory / "part-00000.parquet")
     read_s = time.time() - started

@@ -87,12 +87,12 @@ def run(setting: Setting, workdir: Path) -> dict:
     # What the features stage writes: fp16 rows in a zstd Parquet shard (untimed, done once per dataset).
     feature_dir = workdir / "features"
     features = torch.randn(len(records), model.num_patches, model.vision_tower.hidden_size).half().numpy()
-    write_shard(feature_dir, 0, [r["id"] for r in records], [r["image"] for r in records], features, [])
+    write_shard(feature_dir, 0, images=[r["image"] for r in records], features=features)
     store = FeatureStore(feature_dir)
 
     max_length = 4096
     datasets = {
-        "features": FeatureConversationDataset(records, store, template, max_length),
+        "features": FeatureConversationDataset.from_records(records, store, template, max_length),
         "pixels": ImageConversationDataset(
             records, template, model.vision_tower.preprocess, load_image, model.num_patches, max_length
         ),

@@ -138,8 +138,7 @@ def prepare_data(size: Size, workdir: Path, samples: int) -> None:
             image.save(path, format=size.image_format, quality=90)
         (workdir / f"{split}.json").write_text(json.dumps(records))
         features = rng.standard_normal((len(records), num_patches, hidden), dtype=np.float32).astype(np.float16)
-        write_shard(workdir / "features" / split, 0, [r["id"] for r in records], [r["image"] for r in records],
-                    features, [])
+        write_shard(workdir / "features" / split, 0, images=[r["image"] for r in records], features=features)
 
 
 def run_child(job: dict, timeout: float) -> dict:
@@ -198,7 +197,7 @@ def measure_path(job: dict) -> dict:
     template = ConversationTemplate(template_name, tokenizer)
     records = json.loads((workdir / f"{split}.json").read_text())
     if job["path"] == "features":
-        dataset = FeatureConversationDataset(records, FeatureStore(workdir / "features" / split), template,
+        dataset = FeatureConversationDataset.from_records(records, FeatureStore(workdir / "features" / split), template,
                                              size.max_length)
     else:
         dataset = ImageConversationDataset(records, template, model.vision_tower.preprocess,

@@ -260,7 +260,8 @@ class Dataset(Strict):
     path: ExistingPath | None = Field(None, description="LLaVA JSON list of {id, image, conversations}")
     images: ExistingPath | None = Field(None, description="folder the records' image paths are relative to")
     split: Literal["pretrain", "instruct"] | None = Field(None, description="synthetic world split")
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="a seeded random subset (subset_seed), in file order")
+    subset_seed: int = Field(0, description="seeds the max_samples subset of this dataset and of the stages using it")
 
     @model_validator(mode="after")
     def _fields_for_kind(self):
@@ -280,6 +281,7 @@ class FeaturesStage(Strict):
     shard_size: int = Field(1024, ge=1, description="samples per Parquet shard")
     array_tasks: int = Field(4, ge=1, description="array tasks per dataset; shards are dealt out round-robin")
     compression: Literal["zstd", "snappy", "none"] = "zstd"
+    seed: int = Field(0, description="orders unique images into shards (a seeded shuffle, not file order)")
     slurm: ResourceOverrides = Field(default_factory=ResourceOverrides)
 
 
@@ -292,11 +294,14 @@ class TrainStage(Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="a seeded random subset (the dataset's subset_seed) "
+                                    "of the dataset's records")
     max_steps: int | None = Field(None, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward (~30 % slower steps, far less activation memory): off "
+        "for models up to ~1.5B on GPUs of 40 GB or more; on for bigger models or smaller GPUs")
     overlong: Literal["truncate", "skip"] = "truncate"
     save_every_steps: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -306,6 +311,10 @@ class TrainStage(Strict):
     shuffle_window_shards: int = Field(
         4, ge=1, description="feature shards shuffled together; a rank holds twice this many decoded shards in memory"
     )
+    log_every_steps: int = Field(
+        10, ge=1, description="a metrics.jsonl row (mean loss since the last) every so many steps; the first, the last "
+        "and checkpoint steps always get one")
+    group_by_length: bool = Field(True, description="micro-batches of samples of similar length (less padding)")
     slurm: ResourceOverrides = Field(default_factory=ResourceOverrides)
 
 

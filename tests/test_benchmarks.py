@@ -18,7 +18,7 @@ BENCH_GPU = REPO / "benchmarks" / "gpu" / "bench_gpu.py"
 BENCH_TRAIN = REPO / "benchmarks" / "bench_train.py"
 
 GPU_ROWS = [
-    "stage1 features", "stage1 pixels", "stage2 features", "stage2 pixels",
+    "stage1 features", "stage1 pixels", "stage2 features", "stage2 pixels", "stage2 features (torch engine)",
     "generate b1", "generate b32", "decode (1 core)",
     "stage1 features/pixels", "stage2 features/pixels",
 ]
@@ -48,7 +48,7 @@ def test_bench_gpu_tiny_prints_every_row(tmp_path):
         assert row["name"] in done.stdout
         for key in ("steps_per_s", "samples_per_s", "peak_mem_gib"):
             assert row[key] is not None and row[key] > 0 and row[key] == row[key], (name, key, row[key])
-    for name in GPU_ROWS[:4]:  # training: tokens, model FLOPs and MFU against the given peak
+    for name in GPU_ROWS[:5]:  # training: tokens, model FLOPs and MFU against the given peak
         row = rows[name]
         assert row["steps"] >= 3 and row["tokens_per_s"] > 0 and row["flops_per_step"] > 0
         assert 0 < row["mfu"] < 1 and row["tflops"] == pytest.approx(row["mfu"] * 1.0)
@@ -59,6 +59,16 @@ def test_bench_gpu_tiny_prints_every_row(tmp_path):
         assert rows[name]["tokens_per_s"] > 0
     assert rows["generate b32"]["batch"] == 32
     assert "workers" in rows["decode (1 core)"]["notes"]
+    # The headline numbers as JSON lines: samples/s and MFU per training row; the rows run the DeepSpeed engine.
+    metrics = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"metric"')]
+    assert [(m["metric"], m["detail"]["row"]) for m in metrics] == [
+        (metric, name) for name in GPU_ROWS[:5] for metric in ("train_samples_per_s", "mfu")]
+    assert all(m["value"] > 0 for m in metrics)
+    assert metrics[0]["value"] == pytest.approx(rows["stage1 features"]["samples_per_s"])
+    assert all("DeepSpeed" in rows[name]["notes"] for name in GPU_ROWS[:4])
+    assert "TorchEngine" in rows["stage2 features (torch engine)"]["notes"]
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["engine"] == "DeepSpeedEngine" and meta["zero_stage"] == 2 and meta["training_precision"] == "fp32"
     markdown = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in markdown for name in GPU_ROWS)
 
@@ -77,7 +87,8 @@ def test_bench_gpu_flop_formula_matches_the_real_shapes():
     assert stage2 - stage1 == 2 * n * batch * seq
     assert stage1 == pytest.approx(4 * n * batch * seq, rel=0.05)  # attention and projector are a few percent
     pixels = bench.train_flops(shapes, "stage1", "pixels", batch, seq)
-    assert pixels - stage1 == pytest.approx(batch * 2 * 303e6 * 577, rel=0.15)  # CLIP-L forward per image
+    assert bench.num_patches(shapes) == 256  # CLIP-L/14 at 224 px, the seed recipe's features (256 x 1024)
+    assert pixels - stage1 == pytest.approx(batch * 2 * 303e6 * 257, rel=0.15)  # CLIP-L forward per image
 
 
 def test_bench_gpu_reports_oom_and_errors_per_row_and_goes_on():
@@ -104,7 +115,7 @@ def test_bench_gpu_deadline_skips_rows(tmp_path):
     finally:
         torch.set_num_threads(threads)  # --tiny sets one thread for the process
     rows = json.loads(out.read_text())["rows"]
-    assert [row["status"] for row in rows] == ["skipped (deadline)"] * 7
+    assert [row["status"] for row in rows] == ["skipped (deadline)"] * 8
 
 
 @pytest.mark.slow
@@ -146,3 +157,35 @@ def test_bench_feature_store_quick_reads_the_same_features_both_ways(tmp_path):
         assert row["samples"] == 256 and row["seconds"] > 0 and row["peak_rss_mib"] > 0
     # Window 2, cache 4: read shard-locally, each of the 8 shards is decoded once in the epoch.
     assert rows["bounded store"]["shard_decodes"] == 8
+
+
+BENCH_SCALE = REPO / "benchmarks" / "bench_scale.py"
+
+
+@pytest.mark.slow
+def test_bench_scale_quick_prints_one_json_object_per_metric():
+    """Every metric of the scale benchmark (the step-overhead part is left to docs/performance.md: ~1 min), as
+    {"metric", "value", "unit", "detail"} lines. Not timings: the facts behind them (dedup, no duplicate decode)."""
+    done = subprocess.run([sys.executable, str(BENCH_SCALE), "--quick", "--only", "storage", "dedup", "encode",
+                           "padding", "rss"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert all(set(line) == {"metric", "value", "unit", "detail"} for line in lines)
+    metrics = {}
+    for line in lines:
+        metrics.setdefault(line["metric"], []).append(line)
+    assert set(metrics) == {"feature_bytes_per_sample", "feature_read_mib_per_s", "feature_dedup_ratio",
+                            "encode_records_per_s", "cache_reopen_s", "cache_speedup", "padding_fraction",
+                            "host_rss_per_rank_gib", "rss_ratio_4_vs_1"}
+    sizes = {line["detail"]["pixels"]: line for line in metrics["feature_bytes_per_sample"]}
+    assert sizes[224]["detail"]["raw_bytes"] == 256 * 1024 * 2 and sizes[336]["detail"]["raw_bytes"] == 576 * 1024 * 2
+    dedup = metrics["feature_dedup_ratio"][0]
+    assert dedup["detail"]["rows_stored"] == dedup["detail"]["unique_images"] < dedup["detail"]["records"]
+    assert dedup["value"] == pytest.approx(dedup["detail"]["records"] / dedup["detail"]["rows_stored"], abs=1e-3)
+    assert metrics["cache_reopen_s"][0]["detail"]["rows"] == 50_000
+    padding = metrics["padding_fraction"][0]["detail"]
+    assert 0 <= padding["length_grouped"] < padding["random"] < 1
+    # Ranks read disjoint shards: the total number of decodes does not grow with the number of ranks.
+    decodes = metrics["rss_ratio_4_vs_1"][0]["detail"]["decodes_total"]
+    assert decodes["1"] == decodes["2"] == decodes["4"]
+    assert [line["detail"]["ranks"] for line in metrics["host_rss_per_rank_gib"]] == [1, 2, 4]

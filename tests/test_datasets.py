@@ -1,6 +1,7 @@
 """LLaVA JSON loading, feature-joined and raw-image datasets, collators, the length-grouped sampler."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,9 +15,10 @@ from llava_hpc.data.datasets import (
     PromptDataset,
     file_image_loader,
 )
+from llava_hpc.data.encoded import NoUsableRecordsError
 from llava_hpc.data.features_io import FeatureStore, write_shard
 from llava_hpc.data.llava_json import load_llava_json
-from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate, RecordError
+from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
 from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, build_llava
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
 
@@ -46,16 +48,10 @@ def feature_store(built, world_dir, tmp_path_factory):
     with torch.no_grad():
         features = model.vision_tower(model.vision_tower.preprocess([load(r["image"]) for r in records])).numpy()
     directory = tmp_path_factory.mktemp("features")
+    assert len({r["image"] for r in records}) == len(records)  # one row per image: no dedup needed here
     for shard, rows in enumerate([slice(0, 7), slice(7, None)]):
         chosen = records[rows]
-        write_shard(
-            directory,
-            shard,
-            [r["id"] for r in chosen],
-            [r["image"] for r in chosen],
-            features[rows].astype(np.float16),
-            [],
-        )
+        write_shard(directory, shard, images=[r["image"] for r in chosen], features=features[rows].astype(np.float16))
     return FeatureStore(directory)
 
 
@@ -101,7 +97,7 @@ def test_missing_json_file(tmp_path):
 def test_feature_dataset_joins_by_id_and_matches_pixels(built, feature_store, world_dir):
     model, tokenizer, template = built
     records = WORLD.records("instruct")
-    from_features = FeatureConversationDataset(records, feature_store, template, max_length=512)
+    from_features = FeatureConversationDataset.from_records(records, feature_store, template, max_length=512)
     from_pixels = ImageConversationDataset(
         records, template, model.vision_tower.preprocess, file_image_loader(world_dir), model.num_patches, 512
     )
@@ -122,24 +118,27 @@ def test_feature_dataset_joins_by_id_and_matches_pixels(built, feature_store, wo
 def test_samples_without_features_are_dropped_and_counted(built, feature_store):
     _, _, template = built
     records = WORLD.records("instruct")
-    orphan = {**records[0], "id": "not-featurized"}
+    orphan = {**records[0], "id": "orphan", "image": "not-featurized.png"}
     text_only = {"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}]}
-    dataset = FeatureConversationDataset(records + [orphan, text_only], feature_store, template, max_length=512)
-    assert len(dataset) == len(records) + 1 and dataset.stats.skipped_missing_features == 1
-    assert "image_features" not in dataset[len(dataset) - 1]
+    dataset = FeatureConversationDataset.from_records(records + [orphan, text_only], feature_store, template, max_length=512)
+    assert len(dataset) == len(records) + 1 and dataset.stats["skipped_missing_features"] == 1
+    assert dataset.missing_features == [{"id": "orphan", "image": "not-featurized.png"}]
+    assert "image_features" not in dataset[len(dataset) - 1] and dataset.groups[-1] == -1
+    assert list(dataset.groups[:7]) == [0] * 7 and list(dataset.groups[7:-1]) == [1] * 5
     with pytest.raises(KeyError, match="none of the"):
-        FeatureConversationDataset([orphan], feature_store, template, max_length=512)
+        FeatureConversationDataset.from_records([orphan], feature_store, template, max_length=512)
 
 
 def test_overlong_samples_are_counted_per_policy(built, feature_store):
     _, _, template = built
     records = WORLD.records("instruct")
-    limit = feature_store.num_patches + 12
-    truncated = FeatureConversationDataset(records, feature_store, template, max_length=limit, overlong="truncate")
-    skipped = FeatureConversationDataset(records, feature_store, template, max_length=limit, overlong="skip")
-    assert truncated.stats.truncated > 0 and max(truncated.lengths) <= limit
-    assert skipped.stats.skipped_overlong == truncated.stats.truncated + truncated.stats.skipped_overlong
-    assert len(skipped) + skipped.stats.skipped_overlong == len(records)
+    limit = feature_store.num_patches + 20  # some samples fit, some do not
+    truncated = FeatureConversationDataset.from_records(records, feature_store, template, max_length=limit, overlong="truncate")
+    skipped = FeatureConversationDataset.from_records(records, feature_store, template, max_length=limit, overlong="skip")
+    assert truncated.stats["truncated"] > 0 and max(truncated.lengths) <= limit
+    assert skipped.stats["skipped_overlong"] == truncated.stats["truncated"] + truncated.stats["skipped_overlong"]
+    assert 0 < len(skipped) < len(records) and len(skipped) + skipped.stats["skipped_overlong"] == len(records)
+    assert all(s["kind"] == "overlong" and f"> max_length {limit}" in s["reason"] for s in skipped.skipped)
 
 
 def test_bad_record_in_a_dataset_names_the_file(built, feature_store):
@@ -148,8 +147,14 @@ def test_bad_record_in_a_dataset_names_the_file(built, feature_store):
         **WORLD.records("instruct")[0],
         "conversations": [{"from": "human", "value": "no image token"}, {"from": "gpt", "value": "red"}],
     }
-    with pytest.raises(RecordError, match=r"instruct\.json: record 'instruct-000000'"):
-        FeatureConversationDataset([bad], feature_store, template, 512, source="instruct.json")
+    good = WORLD.records("instruct")[1]
+    dataset = FeatureConversationDataset.from_records([bad, good], feature_store, template, 512, source="instruct.json")
+    assert len(dataset) == 1 and dataset[0]["id"] == good["id"]
+    assert dataset.skipped == [{"file": "instruct.json", "position": 0, "id": "instruct-000000", "kind": "bad_record",
+                                "field": "conversations", "reason": "the record has an image but no <image> in its turns"}]
+    # Every record bad: a wrong file or template, not a few bad records; the error names the first.
+    with pytest.raises(NoUsableRecordsError, match=r"instruct\.json: all 1 records.*id 'instruct-000000' field conversations"):
+        FeatureConversationDataset.from_records([bad], feature_store, template, 512, source="instruct.json")
 
 
 def test_missing_image_file_names_the_file(built, tmp_path):
@@ -209,3 +214,21 @@ def test_length_grouped_sampler():
     assert list(sampler) != order
     ranks = [list(LengthGroupedSampler(lengths, 4, seed=1, megabatch_mult=5, num_replicas=2, rank=r)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 52 and set(ranks[0]) | set(ranks[1]) == set(range(103))
+
+
+def test_prefetch_decodes_the_shards_of_the_given_samples(built, feature_store):
+    _, _, template = built
+    store = FeatureStore(feature_store.directory, cache_shards=2)
+    dataset = FeatureConversationDataset.from_records(WORLD.records("instruct"), store, template, max_length=512)
+    assert list(dataset.groups[7:9]) == [1, 1]
+    with store:
+        dataset.prefetch([8, 9])  # both in shard 1: decoded in the background, before any read asks
+        deadline = time.time() + 30
+        while store.shard_loads == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert store.shard_loads == 1
+        dataset[8]
+        assert store.shard_loads == 1  # the read found the prefetched shard
+        dataset.prefetch([0, 1, 8])
+        dataset[0]
+        assert store.shard_loads == 2

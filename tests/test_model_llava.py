@@ -55,15 +55,51 @@ def test_pixels_and_precomputed_features_give_the_same_numbers(built):
     input_ids, attention_mask, labels = training_batch(template, WORLD.records("instruct")[:3])
     pixel_values = model.vision_tower.preprocess(images(3))
     with torch.no_grad():
-        from_pixels = model(input_ids, attention_mask, labels, pixel_values=pixel_values)
         features = model.vision_tower(pixel_values)
-        from_features = model(input_ids, attention_mask, labels, image_features=features)
         # Parquet shards hold fp16: the same forward takes them as they come.
-        from_fp16 = model(input_ids, attention_mask, labels, image_features=features.half())
-    assert torch.equal(from_pixels.logits, from_features.logits)
-    assert from_pixels.loss == from_features.loss
-    assert torch.allclose(from_pixels.logits, from_fp16.logits, atol=2e-2)
-    assert abs(from_pixels.loss.item() - from_fp16.loss.item()) < 1e-3
+        logits = [model(input_ids, attention_mask, **images).logits
+                  for images in ({"pixel_values": pixel_values}, {"image_features": features},
+                                 {"image_features": features.half()})]
+        losses = [model(input_ids, attention_mask, labels, **images).loss
+                  for images in ({"pixel_values": pixel_values}, {"image_features": features},
+                                 {"image_features": features.half()})]
+    assert torch.equal(logits[0], logits[1]) and losses[0] == losses[1]
+    assert torch.allclose(logits[0], logits[2], atol=2e-2)
+    assert abs(losses[0].item() - losses[2].item()) < 1e-3
+
+
+def test_loss_over_labelled_positions_equals_the_full_logits_loss(built):
+    """The head runs only where a label is predicted; the loss is transformers' own over full logits (mean over
+    labelled tokens), with and without tied embeddings, and its gradients match too."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model, _, template = built
+    input_ids, attention_mask, labels = training_batch(template, WORLD.records("instruct")[:3])
+    features = torch.randn(3, model.num_patches, model.vision_tower.hidden_size)
+    embeds, mask, expanded = model.merge_image_embeddings(
+        input_ids, attention_mask, labels, model.get_image_features(image_features=features), "right", True)
+    logits = model(input_ids, attention_mask, image_features=features).logits
+    reference = ForCausalLMLoss(logits, expanded, logits.shape[-1])
+    out = model(input_ids, attention_mask, labels, image_features=features)
+    assert out.logits is None and abs(out.loss.item() - reference.item()) < 1e-6
+    head = model.language_model.get_output_embeddings().weight
+    (ours,) = torch.autograd.grad(out.loss, head)
+    (theirs,) = torch.autograd.grad(model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                                         labels=expanded).loss, head)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+    untied = LlavaSpec(llm=LLMSpec(tiny=TinyLLMSpec(vocabulary=WORLD.vocabulary(), tie_word_embeddings=False)))
+    model, tokenizer = build_llava(untied, with_vision_tower=False)
+    input_ids, attention_mask, labels = training_batch(ConversationTemplate("plain", tokenizer),
+                                                       WORLD.records("pretrain")[:2])
+    features = torch.randn(2, model.num_patches, 64)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask, image_features=features).logits
+        _, _, expanded = model.merge_image_embeddings(
+            input_ids, attention_mask, labels, model.get_image_features(image_features=features), "right", True)
+        loss = model(input_ids, attention_mask, labels, image_features=features).loss
+    assert abs(loss.item() - ForCausalLMLoss(logits, expanded, logits.shape[-1]).item()) < 1e-6
 
 
 def test_placeholder_expands_to_patches_with_masked_labels(built):
@@ -98,7 +134,7 @@ def test_sequences_are_truncated_to_max_length(built):
     model.max_length = model.num_patches + 5
     try:
         with torch.no_grad():
-            out = model(input_ids, attention_mask, labels, image_features=features)
+            out = model(input_ids, attention_mask, image_features=features)
     finally:
         model.max_length = saved
     assert out.logits.shape[1] == model.num_patches + 5
@@ -233,3 +269,52 @@ def test_failed_projector_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         llava.save_projector(llava.LlavaMultiModalProjector("linear", 8, 16), tmp_path / "projector.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# Generation configs checkpoints ship: Llama 3.2 Instruct's sampling defaults, and sampling plus the repetition
+# controls some instruct models add. None of them may reach the pipeline's greedy decode.
+SHIPPED_GENERATION = {
+    "llama32-instruct": dict(do_sample=True, temperature=0.6, top_p=0.9, top_k=50),
+    "with-repetition-controls": dict(
+        do_sample=True, temperature=0.6, top_p=0.9, top_k=50, repetition_penalty=1.5, no_repeat_ngram_size=1
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def seeded():
+    """Like `built`, but every weight (the projector's too) seeded: the greedy decode below is the same each run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, tokenizer = build_llava(SPEC)
+        with torch.no_grad():
+            for parameter in model.language_model.parameters():
+                if parameter.dim() == 2:
+                    parameter.normal_(0.0, 0.2)
+    model.eval()
+    return model, ConversationTemplate("chat_template", tokenizer)
+
+
+@pytest.mark.parametrize("shipped", SHIPPED_GENERATION, ids=list(SHIPPED_GENERATION))
+def test_temperature_zero_is_argmax_whatever_the_checkpoint_ships(seeded, monkeypatch, shipped):
+    from transformers import GenerationConfig
+
+    model, template = seeded
+    monkeypatch.setattr(model.language_model, "generation_config", GenerationConfig(**SHIPPED_GENERATION[shipped]))
+    prompt = template.prompt_ids("What colour is the shape?")
+    pixel_values = model.vision_tower.preprocess(images(1, "bench"))
+    steps = 16
+    argmax, ids = [], list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids]), pixel_values=pixel_values).logits
+            argmax.append(int(logits[0, -1].argmax()))
+            ids.append(argmax[-1])
+    # The repetition controls would change this decode: it repeats tokens.
+    assert len(set(argmax)) < steps
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        generated = model.generate(torch.tensor([prompt]), pixel_values=pixel_values, max_new_tokens=steps)
+        assert generated[0].tolist() == argmax, f"seed {seed}"
+    # The checkpoint's own config is back once generate returns.
+    assert model.language_model.generation_config.temperature == 0.6

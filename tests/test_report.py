@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from conftest import small_pipeline_dict, write_pipeline
+from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA, small_pipeline_dict, write_pipeline
 
 from llava_hpc.config import load_pipeline
-from llava_hpc.eval import exact_match
+from llava_hpc.eval import exact_match, llava_bench
 from llava_hpc.eval.benches import load_bench
+from llava_hpc.eval.judged_report import summarize_reviews, write_report
 from llava_hpc.rundir import RunDir, atomic_write_jsonl
 from llava_hpc.stages import StageContext
 from llava_hpc.stages import report as report_stage
@@ -117,3 +118,84 @@ def test_benches_without_exact_answers_wait_for_the_judge(tmp_path):
         report_stage.run(ctx, report_stage.plan(ctx)[0])
     with pytest.raises(FileNotFoundError, match="the judge is not done for bench 'landing'"):
         report_stage.run(ctx, report_stage.plan(ctx)[1])
+
+
+# ----- judged benches: our relative score and the reference-style one side by side -----
+
+VICUNA_REVIEWS = LLAVA_EVAL / "vicuna-reviews"
+needs_vicuna_reviews = pytest.mark.skipif(
+    not REQUIRE_EVAL_DATA and not VICUNA_REVIEWS.exists(), reason=f"{VICUNA_REVIEWS} is not here"
+)
+
+
+def real_judged_reviews() -> list[dict]:
+    """4 x 80 real GPT-4 replies, read by our parser: the math reviewer writes its scores last, so its 12 replies
+    are parse failures ("tuple": null), as the reference's parser fails on them too ([-1, -1])."""
+    def lines(path):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    categories = {q["question_id"]: q["category"] for q in lines(VICUNA_REVIEWS / "question.jsonl")}
+    reviews = []
+    for path in sorted(VICUNA_REVIEWS.glob("review_*.jsonl")):
+        for review in lines(path):
+            scores = llava_bench.parse_score(review["text"])
+            reviews.append({"category": categories[review["question_id"]], "content": review["text"],
+                            "tuple": None if scores is None else list(scores)})
+    return reviews
+
+
+def by_hand_reference_style(reviews: list[dict], category: str) -> tuple[float, float, float]:
+    """summarize_gpt_review.py written out: a failed parse is [-1, -1]; column means rounded to 3 decimals; then
+    round(candidate / reference * 100, 1) and each mean x10 rounded to 1 decimal."""
+    pairs = [r["tuple"] or [-1, -1] for r in reviews if category == "all" or r["category"] == category]
+    reference = round(sum(p[0] for p in pairs) / len(pairs), 3)
+    candidate = round(sum(p[1] for p in pairs) / len(pairs), 3)
+    return round(candidate / reference * 100, 1), round(reference * 10, 1), round(candidate * 10, 1)
+
+
+def reference_style(row: dict) -> tuple:
+    return row["relative_score_reference_style"], row["reference_mean_reference_style"], \
+        row["candidate_mean_reference_style"]
+
+
+@needs_vicuna_reviews
+def test_judged_scores_give_the_reference_style_number_beside_ours(tmp_path):
+    reviews = real_judged_reviews()
+    # A few failures outside math too: mangle the score line of three readable generic replies.
+    generic = [r for r in reviews if r["category"] == "generic" and r["tuple"] is not None][:3]
+    for review in generic:
+        review["content"] = "Scores: see below.\n" + review["content"]
+        review["tuple"] = llava_bench.parse_score(review["content"])
+        assert review["tuple"] is None
+    summary = summarize_reviews(reviews, "gpt-4-0328", "vicuna-13b")
+    scores = summary["scores"]
+    assert scores["all"]["parse_failures"] == 15 and scores["generic"]["parse_failures"] == 3
+    for category, row in scores.items():
+        assert reference_style(row) == by_hand_reference_style(reviews, category), category
+        if row["parse_failures"]:
+            # The failures pull both reference-style means towards -1, ours leaves them out.
+            assert reference_style(row)[1:] != (row["reference_mean"], row["candidate_mean"]), category
+        else:
+            assert reference_style(row) == (row["relative_score"], row["reference_mean"], row["candidate_mean"])
+    # Math: every reply failed; ours has nothing to score, the reference prints -1 / -1 = 100 %.
+    assert (scores["math"]["relative_score"], reference_style(scores["math"])) == (None, (100.0, -10.0, -10.0))
+    assert scores["all"]["relative_score"] != scores["all"]["relative_score_reference_style"]
+
+    write_report(summary, tmp_path)
+    table = (tmp_path / "report.md").read_text()
+    assert "relative score (reference-style, failures as -1)" in table
+    everything = scores["all"]
+    row = next(line for line in table.splitlines() if line.startswith("| **all** |"))
+    assert row.startswith(f"| **all** | {everything['relative_score']:.1f} % | {everything['reference_mean']:.1f} | "
+                          f"{everything['candidate_mean']:.1f} | ")
+    assert row.endswith(f"| 305 | 15 | {everything['relative_score_reference_style']:.1f} % |")
+
+
+@needs_vicuna_reviews
+def test_without_parse_failures_both_numbers_are_equal():
+    reviews = [r for r in real_judged_reviews() if r["tuple"] is not None]
+    scores = summarize_reviews(reviews, "gpt-4-0328", "vicuna-13b")["scores"]
+    assert "math" not in scores and scores["all"]["n"] == 308
+    for category, row in scores.items():
+        assert row["parse_failures"] == 0
+        assert reference_style(row) == (row["relative_score"], row["reference_mean"], row["candidate_mean"]), category

@@ -133,7 +133,7 @@ def _sacct_states(job_id: str) -> list[str]:
 def test_preempted_training_checkpoints_on_the_signal_and_resumes_to_the_same_weights(tmp_path, prepared_run):
     # save_every_steps far beyond the run: the only checkpoint before the end is the one the preemption signal asks
     # for, so the requeued job loses at most the step in flight. 24 steps of ~1 s, preempted mid-way.
-    stage2 = {"zero_stage": 0, "epochs": 4, "save_every_steps": 1000}
+    stage2 = {"zero_stage": 0, "epochs": 4, "save_every_steps": 1000, "log_every_steps": 1}  # a row per step to poll
     clean = fresh_run(tmp_path, prepared_run, "clean", stage2, {"partition": "standard"})
     preempted = fresh_run(tmp_path, prepared_run, "preempted", stage2, {"partition": "spgpu", "gpus": 1})
     slow = {"LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "1"}

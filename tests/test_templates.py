@@ -1,12 +1,17 @@
 """Conversation templates and loss masks: the masked labels decode back to exactly the assistant answers."""
 
 import copy
+import datetime
 import os
+import re
+from pathlib import Path
 
 import pytest
+from transformers.utils import chat_template_utils
 
 from llava_hpc.data.templates import (
     IGNORE_INDEX,
+    TEMPLATE_DATE,
     TEMPLATES,
     ConversationTemplate,
     RecordError,
@@ -263,3 +268,118 @@ def test_unknown_template_and_tokenizer_without_image_token(tiny_tokenizer):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(TemplateError, match="<image>"):
         ConversationTemplate("plain", PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<unk>"))
+
+
+# ----- Llama 3.2's real chat template: the date in its system header is fixed -----
+
+LLAMA32_TEMPLATE_FILE = Path(__file__).parent / "data" / "llama32_chat_template.jinja"
+LLAMA32_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Words of Llama's system header and every month, so the tiny tokenizer spells a date change (digits are tokens).
+LLAMA32_WORDS = (
+    "system user assistant cutting knowledge date december today jan feb mar apr may jun jul aug sep oct nov dec"
+)
+
+
+def llama32_chat_template() -> str:
+    """The fixture's template without its provenance comment: exactly the text of the hub's tokenizer_config."""
+    text = LLAMA32_TEMPLATE_FILE.read_text()
+    body = re.sub(r"\A\{#-.*?-#\}\n", "", text, count=1, flags=re.S)
+    assert body.startswith("{{- bos_token }}\n") and "strftime_now(\"%d %b %Y\")" in body
+    return body
+
+
+@pytest.fixture(scope="module")
+def llama32_tiny_tokenizer():
+    return with_llama32_template(build_tiny_tokenizer(tuple(WORLD.vocabulary()) + tuple(LLAMA32_WORDS.split())))
+
+
+@pytest.fixture(scope="module")
+def llama32_smollm2_tokenizer(smollm2_tokenizer):
+    return with_llama32_template(smollm2_tokenizer)
+
+
+def with_llama32_template(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": LLAMA32_SPECIALS}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = llama32_chat_template()
+    return tokenizer
+
+
+def clock_at(monkeypatch, moment: datetime.datetime) -> None:
+    """transformers' `strftime_now` Jinja global reads `datetime.now()` of its module at each call."""
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return moment
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+
+
+# Either side of midnight, and a day years away.
+DAYS = [
+    datetime.datetime(2026, 12, 2, 23, 59, 59),
+    datetime.datetime(2026, 12, 3, 0, 0, 1),
+    datetime.datetime(2031, 3, 15, 12, 0, 0),
+]
+
+
+@pytest.mark.parametrize("kind", ["llama32_tiny", "llama32_smollm2"])
+def test_llama32_tokens_do_not_depend_on_the_day(request, monkeypatch, kind):
+    tokenizer = tokenizer_of(request, kind)
+    template = ConversationTemplate("chat_template", tokenizer)
+    rec = record("dated-1", "<image>\nWhat colour is it?", "red", "and the shape?", "a square")
+    messages = [{"role": "user", "content": "hello"}]
+    encodings, raw_headers = [], set()
+    for day in DAYS:
+        clock_at(monkeypatch, day)
+        # The clock really reaches the template: the hub's text alone prints each day's date.
+        raw = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert f"Today Date: {day.strftime('%d %b %Y')}\n" in raw
+        raw_headers.add(raw)
+        encoded = template.encode(rec)
+        encodings.append((encoded.input_ids, encoded.labels, template.prompt_ids("what colour is it?")))
+    assert len(raw_headers) == len(DAYS)
+    assert all(encoding == encodings[0] for encoding in encodings[1:])
+
+
+@pytest.mark.parametrize("kind", ["llama32_tiny", "llama32_smollm2"])
+def test_llama32_renders_the_fixed_date_never_today(request, kind):
+    template = ConversationTemplate("chat_template", tokenizer_of(request, kind))
+    today = datetime.datetime.now().strftime("%d %b %Y")
+    messages = [{"role": "user", "content": "<image>\nwhat colour is it?"}]
+    rendered = template.render(messages, add_generation_prompt=True)
+    assert f"Cutting Knowledge Date: December 2023\nToday Date: {TEMPLATE_DATE}\n\n" in rendered
+    assert TEMPLATE_DATE == "26 Jul 2024" and (today == TEMPLATE_DATE or today not in rendered)
+    # What the exported processor and generation call: the bare Jinja string with no date argument, and even a
+    # caller's own date_string cannot make the rendering differ from training's.
+    tokenizer = template.tokenizer
+    bare = tokenizer.apply_chat_template(
+        messages, chat_template=template.jinja, tokenize=False, add_generation_prompt=True
+    )
+    other_day = tokenizer.apply_chat_template(
+        messages, chat_template=template.jinja, tokenize=False, add_generation_prompt=True, date_string="01 Jan 2000"
+    )
+    assert bare == other_day == rendered
+
+
+@pytest.mark.parametrize("kind", ["llama32_tiny", "llama32_smollm2"])
+def test_llama32_masks_round_trip_with_one_bos(request, kind):
+    tokenizer = tokenizer_of(request, kind)
+    template = ConversationTemplate("chat_template", tokenizer)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in template.stop_token_ids
+    records = SYNTHETIC + (RICH if kind == "llama32_smollm2" else [])
+    for rec in records:
+        encoded = template.encode(rec)
+        # The template writes bos itself; tokenizing must not add a second one.
+        assert encoded.input_ids[0] == tokenizer.bos_token_id
+        assert encoded.input_ids.count(tokenizer.bos_token_id) == 1, rec["id"]
+        decoded = [template.decode(span).lstrip() for span in labelled_spans(encoded.labels)]
+        assert decoded == [answer + "<|eot_id|>" for answer in answers(rec)], rec["id"]
+        assert all(span[-1] == eot for span in labelled_spans(encoded.labels))
+        if kind == "llama32_tiny":
+            # Only where "\n" is a piece of its own: SmolLM2's byte-level BPE (unlike Llama 3's own tokenizer)
+            # merges the header's "\n\n" differently before an answer than at the end of a prompt.
+            prompt = template.prompt_ids(rec["conversations"][0]["value"], image="image" in rec)
+            assert encoded.input_ids[: len(prompt)] == prompt

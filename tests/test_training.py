@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llava_hpc.config import load_pipeline
 from llava_hpc.orchestrate import Orchestrator
 from llava_hpc.rundir import RunDir, read_jsonl
-from llava_hpc.train.loop import SampleStream, TrainSettings, lr_factor, rotate_checkpoints, total_steps
+from llava_hpc.train.loop import TrainSettings, lr_factor, rotate_checkpoints, total_steps
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -21,36 +21,6 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-
-
-def test_sample_stream_is_a_pure_function_of_seed_and_step():
-    a, b = SampleStream(10, 4, seed=3), SampleStream(10, 4, seed=3)
-    steps = [a.global_batch_indices(s) for s in range(5)]
-    assert steps == [b.global_batch_indices(s) for s in reversed(range(5))][::-1]
-    flat = [i for step in steps for i in step]
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # whole epochs
-    assert flat[:10] != flat[10:20]  # reshuffled per epoch
-    assert SampleStream(10, 4, seed=4).global_batch_indices(0) != steps[0]
-
-
-def test_sample_stream_reads_shard_by_shard_in_windows():
-    """With each sample's shard given, an epoch mixes `window` shards at a time: whole epochs still, every window's
-    stretch drawn from its own shards only (so a reader holds two windows of shards), reshuffled per epoch."""
-    groups = [i // 5 for i in range(40)]  # 8 shards of 5 samples
-    stream = SampleStream(40, 4, seed=1, groups=groups, window=2)
-    flat = [i for step in range(20) for i in stream.global_batch_indices(step)]
-    first, second = flat[:40], flat[40:]
-    assert sorted(first) == list(range(40)) and sorted(second) == list(range(40)) and first != second
-    for start in range(0, 40, 10):
-        assert len({groups[i] for i in first[start : start + 10]}) == 2
-    assert len({groups[i] for i in first[:10]} | {groups[i] for i in second[:10]}) > 2  # shard order reshuffled too
-    again = SampleStream(40, 4, seed=1, groups=groups, window=2)
-    assert [again.global_batch_indices(s) for s in reversed(range(20))][::-1] == [flat[s * 4 : s * 4 + 4] for s in range(20)]
-    # No more shards than the window: exactly the plain permutation (small runs keep their data order).
-    plain = SampleStream(40, 4, seed=1)
-    assert SampleStream(40, 4, seed=1, groups=groups, window=8).global_batch_indices(3) == plain.global_batch_indices(3)
-    with pytest.raises(ValueError, match="groups names 39 samples"):
-        SampleStream(40, 4, seed=1, groups=groups[:39])
 
 
 def test_total_steps():
@@ -120,9 +90,12 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     a = load_file(tmp_path / "clean" / "stage2" / "model" / "model.safetensors")
     b = load_file(tmp_path / "broken" / "stage2" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # metrics have one row per step: the steps redone after the kill replaced, not duplicated
+    # metrics rows (the first step, every checkpoint, the last; log_every_steps is 10): the steps redone after the
+    # kill replaced, not duplicated
     steps = [row["step"] for row in read_jsonl(tmp_path / "broken" / "stage2" / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1))
+    total = json.loads((tmp_path / "broken" / "stage2" / "summary.json").read_text())["steps"]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == total
+    assert set(range(2, total + 1, 2)) <= set(steps)
 
 
 def test_stage2_needs_stage1(tmp_path):

@@ -1,24 +1,31 @@
 """One-GPU benchmark at real size: training steps, MFU, generation and memory, in one call of under 5 minutes.
 
 Models have RANDOM weights, built from configs (nothing is downloaded; a lent GPU has no network):
-  vision     CLIP ViT-L/14-336 (336 px, patch 14 -> 576 patches x 1024, 24 layers), frozen, sdpa
+  vision     CLIP ViT-L/14 at 224 px (patch 14 -> 256 patches x 1024, 24 layers; the seed recipe's features are
+             CLIP-L 224 px, 256 x 1024), frozen, sdpa
   LLM        Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads / 8 kv heads, MLP 8192, vocab 128256, tied
              embeddings, llama3 rope with theta 500000), sdpa
   projector  linear 1024 -> 2048 (LLaVA v1)
 put together with the project's own classes (LlavaForCausalLM, VisionTower, LlavaMultiModalProjector, Collator,
-TorchEngine), so a row measures the code the pipeline runs. Weights do not change the cost of a step.
+DeepSpeedEngine), so a row measures the code the pipeline runs. Weights do not change the cost of a step.
 
 Rows (one function per measurement, each time-boxed, an OOM reported instead of ending the run):
   stage1 features  the project's stage 1: precomputed features -> projector (trains) -> frozen LLM, AdamW
   stage1 pixels    the reference's stage 1: pixels through the frozen CLIP every step, then the same
-  stage2 features  the project's stage 2: projector + LLM train (full fine-tune, AdamW, gradient checkpointing)
+  stage2 features  the project's stage 2: projector + LLM train (full fine-tune, AdamW; no gradient checkpointing,
+                   the project's default for <= 1.5B models on >= 40 GB GPUs; --gradient-checkpointing turns it on)
   stage2 pixels    the reference's stage 2 (CLIP every step), for the stage-2 ratio
+  stage2 features (torch engine)  the same step on the single-process TorchEngine (zero_stage 0, fp32 weights +
+                   bf16 autocast): what ZeRO-2's bf16 weights and partitioned optimizer cost or save on one GPU
   generate bN      LlavaForCausalLM.generate: greedy, KV cache, 128 new tokens, batch N (pixels in, the generate
                    stage's path), bf16 weights
   decode (1 core)  the reference's input work per image on ONE CPU core: JPEG decode + CLIP preprocessing; with the
                    stage-1 pixels row it says how many loader workers the reference needs to keep the GPU fed
-Training precision is the project's single-GPU engine's (`TorchEngine`, precision "bf16"): fp32 weights and
-AdamW state, bf16 autocast. Training batches are the same items every step (random token ids, fixed lengths,
+Training runs the path users run: the project's `DeepSpeedEngine` (ZeRO-2, `zero_stage = 2`, the default) with
+precision "bf16" (bf16 weights and gradients, fp32 master weights and AdamW state in the ZeRO optimizer; plain
+torch AdamW, so DeepSpeed compiles no op), in a one-process world (torch.distributed as
+llava_hpc/train/distributed.py sets it up for one task: nccl on the GPU, gloo for --tiny). --tiny on a CPU trains
+in fp32 (DeepSpeed's bf16 on the CPU accelerator is not the path measured; the meta says so). Training batches are the same items every step (random token ids, fixed lengths,
 no padding), collated and copied to the GPU every step as the training loop does; the Parquet read and image
 decode costs are CPU-side and measured by benchmarks/bench_train.py and the decode row.
 
@@ -30,9 +37,11 @@ included), N = weights of every Linear in the LLM incl. the (tied) LM head, A = 
                           (2NT: frozen weights get no weight gradients) + 2A; + 6 * projector * image tokens
   stage 2:  6*N*T + 3*A   + 6 * projector * image tokens; the recompute of gradient checkpointing is NOT counted
                           (it is hardware work, not model work: MFU, not HFU)
-  pixels:   + the CLIP forward, 2 * CLIP Linear/conv weights * 577 tokens + 4 * layers * 577^2 * 1024 per image
+  pixels:   + the CLIP forward, 2 * CLIP Linear/conv weights * 257 tokens + 4 * layers * 257^2 * 1024 per image
             (all 24 layers: the reference runs them, though it reads layer -2)
 Generation rows give tokens/s (decode is memory-bound: MFU means little there).
+Besides the table, each training row prints two JSON lines (the project's benchmark convention):
+  {"metric": "train_samples_per_s", "value": ..., "unit": "samples/s", "detail": {...}}  and  {"metric": "mfu", ...}
 
     python benchmarks/gpu/bench_gpu.py --out $OUT/gpu.json          # ~3-4 min on one H100/H200
     python benchmarks/gpu/bench_gpu.py --tiny --out /tmp/tiny.json  # the same code at tiny sizes, CPU, seconds
@@ -44,8 +53,10 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import resource
+import socket
 import sys
 import tempfile
 import time
@@ -66,7 +77,8 @@ if str(REPO) not in sys.path:  # runs from a bare checkout: the GPU machine has 
 from llava_hpc.data.datasets import Collator, file_image_loader  # noqa: E402
 from llava_hpc.model.llava import IGNORE_INDEX, LlavaForCausalLM, LlavaMultiModalProjector  # noqa: E402
 from llava_hpc.model.vision import VisionTower  # noqa: E402
-from llava_hpc.train.loop import TorchEngine, TrainSettings  # noqa: E402
+from llava_hpc.train import distributed  # noqa: E402
+from llava_hpc.train.loop import DeepSpeedEngine, TorchEngine, TrainSettings  # noqa: E402
 
 # Dense bf16 peaks (no sparsity), TFLOP/s. The first name found in torch.cuda.get_device_name() wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
@@ -96,9 +108,9 @@ LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, n
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192})
-CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+CLIP_L14_224 = dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                     num_attention_heads=16, projection_dim=768)
-REAL = Shapes(vision=CLIP_L14_336, llm=LLAMA32_1B, stage1_batch=16, stage1_text=64, stage2_batch=8,
+REAL = Shapes(vision=CLIP_L14_224, llm=LLAMA32_1B, stage1_batch=16, stage1_text=64, stage2_batch=8,
               stage2_text=448, gen_batches=(1, 32), gen_prompt_text=32, gen_new_tokens=128, decode_images=32,
               image_file=(640, 480), bos_id=128000, image_id=128255, pad_id=128004)
 # The same code paths in seconds on a CPU: how CI checks this script.
@@ -118,6 +130,7 @@ class Context:
     peak_tflops: float | None
     min_steps: int = 3
     max_steps: int = 100
+    gradient_checkpointing: bool = False  # stage 2 (off: the project's default for a 1B LLM on a >= 40 GB GPU)
 
 
 @dataclass
@@ -173,6 +186,48 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup_one_process_world(device: torch.device) -> str:
+    """A one-process torch.distributed world, as a one-task job gets it from llava_hpc/train/distributed.py
+    (its setup() exports RANK/WORLD_SIZE/MASTER_*; it joins a process group only for > 1 task, so the group is
+    joined here, with its backend: nccl on the GPU, gloo on the CPU). DeepSpeed then finds the group initialised.
+    Returns the backend."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_backend()
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    env = distributed.environment()
+    if env.world_size != 1:
+        raise SystemExit(f"bench_gpu runs in one process; the environment says WORLD_SIZE={env.world_size}")
+    distributed.setup(env)
+    if device.type == "cpu":
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~30 s of C++ on 2 cores) that a
+        # one-process world never uses: mark it unavailable for this process. (The GPU run uses nccl: no op built.)
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=0, world_size=1,
+                                         init_method=f"tcp://{env.master_addr}:{env.master_port}")
+    return backend
+
+
+def training_precision(device: torch.device) -> str:
+    """bf16 on the GPU (what users run); fp32 for --tiny on the CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 # ---------------------------------------------------------------------------------------------- models
 def build_llm(shapes: Shapes, device: torch.device) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -201,7 +256,8 @@ def build_tower(shapes: Shapes, device: torch.device) -> VisionTower:
 
 
 def build_llava(shapes: Shapes, device: torch.device, with_tower: bool) -> LlavaForCausalLM:
-    """fp32 weights, as the project's training jobs build them (TorchEngine autocasts to bf16)."""
+    """fp32 weights, as the project's training jobs build them (DeepSpeed's bf16 casts the module to bf16 and
+    keeps fp32 master weights; TorchEngine keeps fp32 and autocasts)."""
     torch.manual_seed(0)
     llm = build_llm(shapes, device)
     tower = build_tower(shapes, device) if with_tower else None
@@ -300,25 +356,34 @@ def timed_loop(step, ctx: Context, warmup: int) -> tuple[int, float]:
 
 
 # ---------------------------------------------------------------------------------------------- measurements
-def measure_train(ctx: Context, stage: str, path: str) -> Row:
-    """One optimizer step of `stage` from `path` ("features": the project's; "pixels": the reference's)."""
+def measure_train(ctx: Context, stage: str, path: str, engine_kind: str = "deepspeed") -> Row:
+    """One optimizer step of `stage` from `path` ("features": the project's; "pixels": the reference's) on the
+    project's DeepSpeedEngine (ZeRO-2), or with engine_kind "torch" on its TorchEngine."""
     shapes, device = ctx.shapes, ctx.device
     batch = shapes.stage1_batch if stage == "stage1" else shapes.stage2_batch
     seq = num_patches(shapes) + (shapes.stage1_text if stage == "stage1" else shapes.stage2_text)
-    row = Row(f"{stage} {path}", "train", batch=batch, seq=seq)
+    name = f"{stage} {path}" + (" (torch engine)" if engine_kind == "torch" else "")
+    row = Row(name, "train", batch=batch, seq=seq)
     model = build_llava(shapes, device, with_tower=path == "pixels")
     # The FLOP formula counts from the shapes; it must describe the model actually built.
     assert linear_weights(model.language_model) == llm_matmul_weights(shapes), "FLOP count does not match the LLM"
     model.freeze_language_model(stage == "stage1")
-    full_finetune = stage == "stage2"
-    if full_finetune:
+    checkpointing = stage == "stage2" and ctx.gradient_checkpointing
+    if checkpointing:
         model.gradient_checkpointing_enable()  # the project's non-reentrant checkpointing
     model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if engine_kind == "torch":
+        engine_cls, zero_stage, precision = TorchEngine, 0, "bf16"  # autocast; on the CPU too (as now)
+    else:
+        engine_cls, zero_stage, precision = DeepSpeedEngine, 2, training_precision(device)
+        setup_one_process_world(device)
     settings = TrainSettings(batch_size=batch, grad_accum=1, lr=2e-3 if stage == "stage1" else 2e-5,
                              warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, epochs=1.0, max_steps=None,
-                             seed=0, precision="bf16", gradient_checkpointing=full_finetune,
-                             save_every_steps=10**9, keep_checkpoints=1, zero_stage=0)
-    engine = TorchEngine(model, settings, total=10**6, warmup=0, precision="bf16", device=device)
+                             seed=0, precision=precision, gradient_checkpointing=checkpointing,
+                             save_every_steps=10**9, keep_checkpoints=1, zero_stage=zero_stage)
+    # Only the engine's public interface: loss(), backward(), step() (whichever of them steps the optimizer).
+    engine = engine_cls(model, settings, total=10**6, warmup=0, precision=precision, device=device)
     collate = Collator(shapes.pad_id, padding_side="right")
     items = training_items(shapes, stage, path, batch, torch.Generator().manual_seed(0))
 
@@ -335,8 +400,10 @@ def measure_train(ctx: Context, stage: str, path: str) -> Row:
     row.samples_per_s = row.steps_per_s * batch
     row.tokens_per_s = row.samples_per_s * seq
     row.flops_per_step = train_flops(shapes, stage, path, batch, seq)
-    row.notes = (f"trainable {sum(p.numel() for p in engine.params):,} params"
-                 + (", gradient checkpointing" if full_finetune else ""))
+    engine_name = "TorchEngine, fp32 weights + bf16 autocast" if engine_kind == "torch" else f"DeepSpeed ZeRO-2, {precision}"
+    row.notes = (f"{engine_name}, trainable {trainable:,} params"
+                 + (", gradient checkpointing" if checkpointing else ""))
+    del engine, model
     return row
 
 
@@ -462,7 +529,7 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-TABLE = (("row", 24, lambda r: r.name), ("batch", 5, lambda r: _fmt(r.batch, "d")),
+TABLE = (("row", 30, lambda r: r.name), ("batch", 5, lambda r: _fmt(r.batch, "d")),
          ("seq", 5, lambda r: _fmt(r.seq, "d")),
          ("steps/s", 8, lambda r: _fmt(r.steps_per_s, ".2f", "x" if r.kind == "ratio" else "")),
          ("samples/s", 9, lambda r: _fmt(r.samples_per_s, ".2f" if r.kind == "ratio" else ".1f",
@@ -496,6 +563,23 @@ def format_markdown(rows: list[Row], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metric_lines(rows: list[Row], meta: dict) -> list[dict]:
+    """The headline numbers, one JSON object per line: samples/s and MFU of each training row."""
+    lines = []
+    for row in rows:
+        if row.kind != "train" or row.status != "ok":
+            continue
+        detail = {"row": row.name, "batch": row.batch, "seq": row.seq, "steps": row.steps,
+                  "tokens_per_s": row.tokens_per_s, "tflops": row.tflops, "peak_mem_gib": row.peak_mem_gib,
+                  "device": meta["device_name"], "peak_tflops": meta["peak_tflops"], "mode": meta["mode"],
+                  "engine": "TorchEngine" if "torch engine" in row.name else "DeepSpeedEngine ZeRO-2",
+                  "precision": ("bf16 autocast" if "torch engine" in row.name else meta["training_precision"])}
+        lines.append({"metric": "train_samples_per_s", "value": row.samples_per_s, "unit": "samples/s",
+                      "detail": detail})
+        lines.append({"metric": "mfu", "value": row.mfu, "unit": "fraction of peak", "detail": detail})
+    return lines
+
+
 def write_outputs(out: Path | None, rows: list[Row], meta: dict) -> None:
     """JSON at --out and markdown beside it (same stem, .md); rewritten after every row, so a run cut short by
     its time limit still leaves the rows it finished."""
@@ -510,6 +594,7 @@ def plan(shapes: Shapes) -> list[tuple[str, object]]:
     """(name, measurement) in the order they run: the headline rows first, so a deadline cuts the least."""
     rows = [(f"{stage} {path}", (measure_train, stage, path))
             for stage in ("stage1", "stage2") for path in ("features", "pixels")]
+    rows.append(("stage2 features (torch engine)", (measure_train, "stage2", "features", "torch")))
     rows += [(f"generate b{batch}", (measure_generate, batch)) for batch in shapes.gen_batches]
     rows.append(("decode (1 core)", (measure_decode,)))
     return rows
@@ -531,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-batch", type=int, default=None)
     parser.add_argument("--stage2-batch", type=int, default=None)
     parser.add_argument("--stage2-text", type=int, default=None, help="text tokens per stage-2 sample (448)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="stage 2 with gradient checkpointing (off by default, as the project's default for a 1B LLM "
+                             "on a >= 40 GB GPU; the recompute is not counted in MFU)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -557,13 +645,20 @@ def main(argv: list[str] | None = None) -> int:
     selected = [(name, spec) for name, spec in plan(shapes) if args.rows is None or name in args.rows]
     if not selected:
         parser.error(f"--rows matched nothing; rows: {[name for name, _ in plan(shapes)]}")
-    ctx = Context(shapes, device, row_budget_s=budget_s / len(selected), peak_tflops=peak)
+    ctx = Context(shapes, device, row_budget_s=budget_s / len(selected), peak_tflops=peak,
+                  gradient_checkpointing=args.gradient_checkpointing)
     import transformers
 
     meta = {"device_name": device_name, "peak_tflops": peak, "mode": "tiny" if args.tiny else "real",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "shapes": asdict(shapes), "budget_s": budget_s,
-            "precision": "fp32 weights + bf16 autocast (TorchEngine) for training; bf16 weights for generation",
+            "precision": (f"training: DeepSpeedEngine ZeRO-2, one-process world "
+                          f"({'nccl' if device.type == 'cuda' else 'gloo'}), precision {training_precision(device)}"
+                          + (" (--tiny on the CPU: fp32, not the bf16 the GPU run measures)" if device.type == "cpu"
+                             else " (bf16 weights, fp32 master weights + AdamW state)")
+                          + "; the torch engine row: fp32 weights + bf16 autocast; generation: bf16 weights"),
+            "engine": "DeepSpeedEngine", "zero_stage": 2, "training_precision": training_precision(device),
+            "gradient_checkpointing": args.gradient_checkpointing,
             "wall_s": 0.0}
     print(f"bench_gpu: {device_name}, peak {peak} TFLOP/s, {len(selected)} rows, "
           f"{ctx.row_budget_s:.0f} s timed per row", flush=True)
@@ -583,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = time.perf_counter() - started
     write_outputs(args.out, rows, meta)
     print(format_text(rows))
+    for line in metric_lines(rows, meta):
+        print(json.dumps(line))
     print(f"MFU counts model FLOPs (stage 1: 4NT, stage 2: 6NT, + attention, + CLIP forward on pixel rows) against "
           f"{peak or 'an unknown (--peak-tflops)'} TFLOP/s; peak GiB = torch.cuda.max_memory_allocated per row"
           + (" (CPU: peak RSS so far)" if device.type == "cpu" else "") + f"; {meta['wall_s']:.0f} s")

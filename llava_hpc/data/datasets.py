@@ -1,14 +1,14 @@
 """Torch datasets and collators.
 
-- `FeatureConversationDataset`: conversations joined by id to precomputed CLIP features (Parquet shards);
-  what both training stages read.
+- `FeatureConversationDataset`: encoded conversations (the run's memory-mapped cache, `data.encoded`) joined
+  by image path to precomputed CLIP features (Parquet shards); what both training stages read.
 - `ImageConversationDataset`: the same conversations with raw images through the vision tower's
   preprocessing (training from pixels, and the features-vs-pixels benchmark).
 - `PromptDataset`: bench questions as generation prompts, with their images.
 - `Collator`: right padding for training, LEFT padding for generation; `LengthGroupedSampler` batches
   samples of similar length together.
-Records are encoded up front (`templates.encode_records`): a bad record fails at start-up, not hours in,
-and the samples dropped by the over-long policy are counted in `.stats`.
+Records are encoded up front, once per run (`data.encoded`): a malformed record or one dropped by the over-long
+policy is skipped, named and counted, never fatal unless every record is.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from llava_hpc.data.features_io import FeatureStore
-from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate, encode_records
+from llava_hpc.data.encoded import EncodedSamples, EncodeSettings, encode_in_memory
+from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
 
 ImageLoader = Callable[[str], Image.Image]
 Preprocess = Callable[[list[Image.Image]], torch.Tensor]
@@ -45,43 +47,72 @@ def file_image_loader(root: str | os.PathLike) -> ImageLoader:
 
 
 class FeatureConversationDataset(Dataset):
-    def __init__(
-        self,
-        records: list[dict],
-        store: FeatureStore,
-        template: ConversationTemplate,
-        max_length: int,
-        overlong: str = "truncate",
-        source: str | None = None,
-    ):
-        self.store = store
+    """Encoded samples (the run's memory-mapped cache, `data.encoded`) joined by image path to the features.
+
+    A sample whose image has no features (the features stage could not read it) is dropped, counted and named in
+    `.missing_features`; a store that matches no sample at all is the wrong store."""
+
+    def __init__(self, samples: EncodedSamples, store: FeatureStore, counts: dict | None = None):
+        if samples.image_tokens != store.num_patches:
+            raise ValueError(f"{samples.origin}: encoded for {samples.image_tokens} image tokens, but the features in "
+                             f"{store.directory} have {store.num_patches} patches")
+        self.samples, self.store = samples, store
         self.image_tokens = store.num_patches
-        encoded, self.stats = encode_records(records, template, self.image_tokens, max_length, overlong, source)
-        # A sample whose image the features stage could not read (listed in its shard sidecars) has no row:
-        # it is dropped and counted; a store that matches nothing is the wrong store.
-        self.samples = [e for e in encoded if not e.num_images or e.id in store]
-        self.stats.skipped_missing_features = len(encoded) - len(self.samples)
-        if encoded and not self.samples:
-            raise KeyError(
-                f"{store.directory}: none of the {len(encoded)} samples (e.g. {encoded[0].id!r}) has features"
-            )
-        self.lengths = [e.length(self.image_tokens) for e in self.samples]
+        images = samples.images()
+        kept, groups, self.missing_features = [], [], []
+        for row, image in enumerate(images):
+            if image is None:
+                kept.append(row)
+                groups.append(-1)
+            elif image in store:
+                kept.append(row)
+                groups.append(store.shard_of(image))
+            else:
+                self.missing_features.append({"id": samples.id(row), "image": image})
+        with_images = sum(image is not None for image in images)
+        if with_images and with_images == len(self.missing_features):
+            example = self.missing_features[0]
+            raise KeyError(f"{store.directory}: none of the {with_images} samples with an image (e.g. {example['id']!r}, "
+                           f"image {example['image']!r}) has features")
+        self.rows = np.asarray(kept, dtype=np.int64)
+        self.lengths = samples.lengths[self.rows]
         # Each sample's feature shard (-1: text only), so training can read shard-locally (SampleStream).
-        self.groups = [store.shard_of(e.id) if e.num_images else -1 for e in self.samples]
+        self.groups = np.asarray(groups, dtype=np.int64)
+        self.stats = dict(counts or {"encoded": len(samples)})
+        self.stats["skipped_missing_features"] = len(self.missing_features)
+        self.stats["samples"] = len(self.rows)
+
+    @classmethod
+    def from_records(cls, records: list, store: FeatureStore, template: ConversationTemplate, max_length: int,
+                     overlong: str = "truncate", source: str | None = None) -> FeatureConversationDataset:
+        """Encoded in memory, no cache (benchmarks, tests); bad records are skipped as in the cache."""
+        table, counts, skipped = encode_in_memory(records, None, template,
+                                                  EncodeSettings(store.num_patches, max_length, overlong), source)
+        dataset = cls(EncodedSamples(table, store.num_patches), store, counts)
+        dataset.skipped = skipped
+        return dataset
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        item = _token_item(sample)
-        if sample.num_images:
+        row = int(self.rows[index])
+        item = _token_item(self.samples, row)
+        if self.samples.num_images[row]:
             # A copy: the store's arrays are read-only views of the Arrow buffers.
-            item["image_features"] = torch.tensor(self.store.get(sample.id)).unsqueeze(0)
+            item["image_features"] = torch.tensor(self.store.get(self.samples.image(row))).unsqueeze(0)
         return item
+
+    def prefetch(self, indices) -> None:
+        """Start decoding, in the background, the feature shards these samples read (the next step's)."""
+        shards = [int(g) for g in dict.fromkeys(self.groups[np.asarray(list(indices), dtype=np.int64)].tolist())]
+        self.store.prefetch([g for g in shards if g >= 0])
 
 
 class ImageConversationDataset(Dataset):
+    """Encoded in memory (the features-vs-pixels benchmark, export tests); bad records are skipped and listed in
+    `.skipped`, as in the cache."""
+
     def __init__(
         self,
         records: list[dict],
@@ -94,19 +125,19 @@ class ImageConversationDataset(Dataset):
         source: str | None = None,
     ):
         self.preprocess, self.load_image, self.image_tokens = preprocess, load_image, image_tokens
-        self.samples, self.stats = encode_records(records, template, image_tokens, max_length, overlong, source)
-        self.images = {str(r["id"]): r["image"] for r in records if r.get("image") is not None}
-        self.lengths = [e.length(image_tokens) for e in self.samples]
+        table, self.stats, self.skipped = encode_in_memory(
+            records, None, template, EncodeSettings(image_tokens, max_length, overlong), source)
+        self.samples = EncodedSamples(table, image_tokens)
+        self.lengths = self.samples.lengths
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        item = _token_item(sample)
-        if sample.num_images:
+        item = _token_item(self.samples, index)
+        if self.samples.num_images[index]:
             item["pixel_values"] = _load(
-                self.load_image, self.preprocess, self.images[sample.id], f"record {sample.id!r}"
+                self.load_image, self.preprocess, self.samples.image(index), f"record {item['id']!r}"
             )
         return item
 
@@ -137,8 +168,11 @@ class PromptDataset(Dataset):
         return item
 
 
-def _token_item(sample) -> dict:
-    return {"id": sample.id, "input_ids": torch.tensor(sample.input_ids), "labels": torch.tensor(sample.labels)}
+def _token_item(samples: EncodedSamples, row: int) -> dict:
+    input_ids, labels = samples.tokens(row)
+    # int64 copies: the cache's int32 views are read-only and embedding lookups want long.
+    return {"id": samples.id(row), "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+            "labels": torch.from_numpy(labels.astype(np.int64))}
 
 
 def _load(load_image: ImageLoader, preprocess: Preprocess, relative_path: str, owner: str) -> torch.Tensor:

@@ -12,6 +12,10 @@ Every template is a Jinja chat template, rendered by the tokenizer's own machine
 The same Jinja string goes into the exported processor, so transformers' `processor.apply_chat_template`
 renders exactly what the model was trained on.
 
+Every template starts by setting `date_string` to a fixed date (`TEMPLATE_DATE`). Llama 3.x templates otherwise
+print today's date (`strftime_now`) into the system header: a sample's tokens would change from day to day, the
+prefix renderings of one record could straddle midnight, and inference would see another header than training.
+
 Masks come from the template itself, never from hard-coded offsets: the answer of assistant turn k starts where
 the rendering of turns [:k] with a generation prompt ends (incremental prefix rendering), and the full text is
 tokenized once with character offsets, so training sees exactly the tokens inference sees. Each masked answer
@@ -35,6 +39,13 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+
+# The date Llama 3.1/3.2 templates fall back to when `strftime_now` is missing ("Today Date: 26 Jul 2024"), the
+# Llama 3.1 release: Meta's own documented default. Set at the top level, it is defined for the template's
+# `if not date_string is defined` test, so no rendering (training, generation, the exported processor) depends on
+# the day, and a caller's own `date_string` cannot make training and inference disagree either.
+TEMPLATE_DATE = "26 Jul 2024"
+_FIX_DATE = "{%- set date_string = " + json.dumps(TEMPLATE_DATE) + " -%}\n"
 
 # Turns content given as transformers' list of parts ([{"type": "image"}, {"type": "text", "text": ...}]) into
 # the string the model was trained on: one "<image>\n" per image in front, then the stripped text. String
@@ -190,15 +201,16 @@ class ConversationTemplate:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id(tokenizer)
         if name == "plain":
-            self.jinja = _FLATTEN_CONTENT + _PLAIN
+            body = _PLAIN
         elif name == "vicuna_v1":
             if tokenizer.eos_token is None:
                 raise TemplateError("vicuna_v1 ends answers with the eos token, but the tokenizer has none")
-            self.jinja = _FLATTEN_CONTENT + _VICUNA_V1
+            body = _VICUNA_V1
         else:
             if not tokenizer.chat_template:
                 raise TemplateError("template 'chat_template' needs a tokenizer with a chat template; it has none")
-            self.jinja = _FLATTEN_CONTENT + tokenizer.chat_template
+            body = tokenizer.chat_template
+        self.jinja = _FIX_DATE + _FLATTEN_CONTENT + body
         self.stop_token_ids = self._stop_token_ids()
 
     # ----- rendering and tokenizing -----

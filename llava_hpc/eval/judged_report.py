@@ -8,7 +8,9 @@ with numpy, rounds them to 3 decimals and prints
 
 We compute exactly that, from the same rounded means, so the numbers equal the reference's on the same reviews.
 One difference: reviews whose reply could not be read (`"tuple": null`) are counted as parse failures and left out,
-where the reference averages its [-1, -1] into both means.
+where the reference averages its [-1, -1] into both means. So that figures compare with published ones, the
+reference-style numbers (`*_reference_style`: failures as [-1, -1], averaged in) are given beside ours; with no
+failures the two are equal.
 
 Beside it, the distribution the seed study plots: each question's own candidate / reference x 100 (median, quartiles).
 """
@@ -26,18 +28,31 @@ from llava_hpc.rundir import atomic_write_bytes, atomic_write_text
 ALL = "all"
 
 
+# What the reference's parser records for a reply it cannot read (eval_gpt_review*.py), and averages in.
+REFERENCE_FAILURE = (-1.0, -1.0)
+
+
+def _printed_means(tuples: list) -> tuple[float | None, float, float]:
+    """summarize_gpt_review's arithmetic: (relative score, reference mean x10, candidate mean x10)."""
+    reference_mean, candidate_mean = (round(x, 3) for x in np.asarray(tuples, dtype=float).mean(0).tolist())
+    # A reference mean of 0 cannot happen with the 1-10 scale, but a judge can write "0 0".
+    relative = round(candidate_mean / reference_mean * 100, 1) if reference_mean else None
+    return relative, round(reference_mean * 10, 1), round(candidate_mean * 10, 1)
+
+
 def _category_scores(reviews: list[dict]) -> dict:
     tuples = [review["tuple"] for review in reviews if review["tuple"] is not None]
     row = {"n": len(tuples), "parse_failures": len(reviews) - len(tuples), "relative_score": None,
-           "reference_mean": None, "candidate_mean": None, "relative_median": None, "relative_q1": None,
-           "relative_q3": None, "relative_scores": []}
+           "reference_mean": None, "candidate_mean": None, "relative_score_reference_style": None,
+           "reference_mean_reference_style": None, "candidate_mean_reference_style": None,
+           "relative_median": None, "relative_q1": None, "relative_q3": None, "relative_scores": []}
+    if reviews:
+        with_failures = [review["tuple"] if review["tuple"] is not None else REFERENCE_FAILURE for review in reviews]
+        (row["relative_score_reference_style"], row["reference_mean_reference_style"],
+         row["candidate_mean_reference_style"]) = _printed_means(with_failures)
     if not tuples:
         return row
-    reference_mean, candidate_mean = (round(x, 3) for x in np.asarray(tuples, dtype=float).mean(0).tolist())
-    # A reference mean of 0 cannot happen with the 1-10 scale, but a judge can write "0 0".
-    row["relative_score"] = round(candidate_mean / reference_mean * 100, 1) if reference_mean else None
-    row["reference_mean"] = round(reference_mean * 10, 1)
-    row["candidate_mean"] = round(candidate_mean * 10, 1)
+    row["relative_score"], row["reference_mean"], row["candidate_mean"] = _printed_means(tuples)
     per_question = [candidate / reference * 100 for reference, candidate in tuples if reference > 0]
     if per_question:
         q1, median, q3 = np.percentile(per_question, [25, 50, 75]).tolist()
@@ -67,9 +82,10 @@ def _spend(reviews: list[dict]) -> dict:
 
 def summarize_reviews(reviews: list[dict], judge_model: str, answer_model: str,
                       baseline_reviews: list[dict] | None = None) -> dict:
-    """Scores per category and "all" (relative_score, reference_mean, candidate_mean, n, parse_failures and the
-    per-question distribution), the judge and answer models, and the spend of these reviews. `baseline_reviews`:
-    the same questions judged with an answer written for another image, scored the same way."""
+    """Scores per category and "all" (relative_score, reference_mean, candidate_mean, n, parse_failures, the same
+    three means reference-style with failures averaged in as -1, and the per-question distribution), the judge and
+    answer models, and the spend of these reviews. `baseline_reviews`: the same questions judged with an answer
+    written for another image, scored the same way."""
     summary = {
         "judge_model": judge_model,
         "answer_model": answer_model,
@@ -94,8 +110,8 @@ def _ordered(scores: dict) -> list[str]:
 def _table(scores: dict) -> list[str]:
     lines = [
         "| category | relative score | reference x10 | candidate x10 | per-question median [q1, q3] | n "
-        "| parse failures |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| parse failures | relative score (reference-style, failures as -1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for category in _ordered(scores):
         row = scores[category]
@@ -104,8 +120,11 @@ def _table(scores: dict) -> list[str]:
         if row["relative_median"] is not None:
             quartiles = f"[{_number(row['relative_q1'])}, {_number(row['relative_q3'])}]"
             spread = f"{_number(row['relative_median'], ' %')} {quartiles}"
+        # .get: a judge summary written before the reference-style columns existed still renders.
+        reference_style = _number(row.get("relative_score_reference_style"), " %")
         lines.append(f"| {name} | {_number(row['relative_score'], ' %')} | {_number(row['reference_mean'])} | "
-                     f"{_number(row['candidate_mean'])} | {spread} | {row['n']} | {row['parse_failures']} |")
+                     f"{_number(row['candidate_mean'])} | {spread} | {row['n']} | {row['parse_failures']} | "
+                     f"{reference_style} |")
     return lines
 
 
@@ -119,7 +138,8 @@ def markdown(summary: dict) -> str:
         f"Answers by `{summary['answer_model']}`, judged by `{summary['judge_model']}`{served_note}.",
         "Relative score = mean(candidate score) / mean(reference score) x 100 over the category (a ratio of means, "
         "the reference's arithmetic); both means are shown x10. Replies without a readable score were asked once "
-        "more, then counted as parse failures and left out (the reference averages them in as -1).",
+        "more, then counted as parse failures and left out. The reference-style column averages them in as -1 for "
+        "both scores, as the reference does, so it compares with published figures; without failures the two agree.",
         "Scores from different judge models or snapshots do not compare.",
         "",
         *_table(summary["scores"]),

@@ -68,7 +68,7 @@ class TinyLLMSpec:
 class LLMSpec:
     name: str = TINY  # "tiny", "smollm2", a Hugging Face id, or a local directory
     tiny: TinyLLMSpec = field(default_factory=TinyLLMSpec)
-    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None lets transformers choose
+    attn_implementation: str | None = None  # e.g. "eager", "sdpa"; None: default_attn_implementation(device)
 
 
 @dataclass(frozen=True)
@@ -157,11 +157,19 @@ def build_tokenizer(spec: LLMSpec):
 # ----- language models -----
 
 
+def default_attn_implementation(device) -> str:
+    """FlashAttention-2 where its package is installed and the model runs on CUDA (it computes in bf16/fp16: under
+    autocast or DeepSpeed's bf16/fp16 transformers casts to that), else PyTorch's SDPA kernels."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def build_language_model(spec: LLMSpec, vocab_size: int, device="cpu", dtype: torch.dtype = torch.float32):
     """The causal LM with at least `vocab_size` embedding rows (the tokenizer's, after adding `<image>`)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    extra = {"attn_implementation": spec.attn_implementation or default_attn_implementation(device)}
     if spec.name == TINY:
         t = spec.tiny
         config = LlamaConfig(

@@ -183,7 +183,9 @@ class LlavaForCausalLM(nn.Module):
         image_features: torch.Tensor | None = None,
         **language_model_kwargs,
     ):
-        """The language model's output (loss when `labels` are given, logits over the expanded sequence)."""
+        """Without `labels`: the language model's output (logits over the expanded sequence). With `labels`: an output
+        whose `.loss` is the mean next-token cross-entropy over the labelled tokens, and no logits: the output head
+        runs only where a label is predicted, not over image patches, prompts and padding (most of the sequence)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if pixel_values is None and image_features is None:
@@ -199,14 +201,22 @@ class LlavaForCausalLM(nn.Module):
             inputs_embeds = inputs_embeds + image_embeds.sum()  # exactly 0, with the projector in the graph
         # Positions count real tokens only, so a left-padded batch scores like its unpadded rows.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=False,
-            **language_model_kwargs,
-        )
+        inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, **language_model_kwargs)
+        if labels is None:
+            return self.language_model(**inputs)
+        return self.labelled_loss(self.language_model.get_decoder()(**inputs).last_hidden_state, labels)
+
+    def labelled_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor):
+        """transformers' causal-LM loss (position t predicts label t+1, mean over labels != -100), with the output
+        head applied to the predicting positions only. Calling the head module (not its weight) keeps DeepSpeed
+        ZeRO-3's gather hooks and tied embeddings working."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        predicting = targets != IGNORE_INDEX
+        logits = self.language_model.get_output_embeddings()(hidden_states[predicting])
+        return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets[predicting]), logits=None)
 
     # ----- generation -----
 
@@ -242,14 +252,24 @@ class LlavaForCausalLM(nn.Module):
             do_sample=sampling,
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,
-            top_k=None,
+            top_k=0 if sampling else None,  # 0, not None: None means "unset" and becomes transformers' top_k=50
             eos_token_id=stop_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
+        # transformers 5 fills every field the passed config leaves unset from the LLM's own generation_config
+        # (Llama 3.2 Instruct ships do_sample=True, temperature=0.6, top_p=0.9; others a repetition penalty): set it
+        # aside for the call, keeping only its special tokens, so the pipeline's settings alone decide.
+        shipped = self.language_model.generation_config
+        self.language_model.generation_config = GenerationConfig(
+            bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
         )
+        try:
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
+            )
+        finally:
+            self.language_model.generation_config = shipped
 
     # ----- what trains -----
 

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -79,9 +80,19 @@ class DatasetFileError(ValueError):
     """A dataset file that cannot be read at all: fail fast."""
 
 
-def load_records(name: str, dataset: Dataset, pipeline: Pipeline) -> list:
-    """The dataset's raw records in file order, capped at max_samples. Items are whatever the file holds:
-    validation per record happens where a record is used, so one bad record never hides the others."""
+def subset_positions(total: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """A seeded random `max_samples` of `total` record positions, in file order (all of them when None or more):
+    not the head of the file, which in LLaVA's JSONs is ordered by source and would skew a subset."""
+    if max_samples is None or max_samples >= total:
+        return np.arange(total, dtype=np.int64)
+    chosen = np.random.default_rng(seed).choice(total, size=max_samples, replace=False)
+    return np.sort(chosen).astype(np.int64)
+
+
+def load_positioned_records(name: str, dataset: Dataset, pipeline: Pipeline) -> tuple[list, np.ndarray]:
+    """(records, their positions in the file): the dataset's seeded subset (`max_samples`, `subset_seed`) in file
+    order. Items are whatever the file holds: validation per record happens where a record is used, so one bad
+    record never hides the others."""
     if dataset.kind == "synthetic":
         records = synthetic_world(pipeline).records(dataset.split)
     else:
@@ -94,9 +105,15 @@ def load_records(name: str, dataset: Dataset, pipeline: Pipeline) -> list:
             raise DatasetFileError(f"dataset {name!r}: cannot read {dataset.path}: {exc.strerror}") from None
         if not isinstance(records, list):
             raise DatasetFileError(f"{dataset.path}: expected a JSON list of records, got a {type(records).__name__}")
-    if dataset.max_samples is not None:
-        records = records[: dataset.max_samples]
-    return records
+    positions = subset_positions(len(records), dataset.max_samples, dataset.subset_seed)
+    if len(positions) < len(records):
+        records = [records[p] for p in positions]
+    return records, positions
+
+
+def load_records(name: str, dataset: Dataset, pipeline: Pipeline) -> list:
+    """The dataset's records (its seeded subset when max_samples is set), in file order."""
+    return load_positioned_records(name, dataset, pipeline)[0]
 
 
 @dataclass(frozen=True)

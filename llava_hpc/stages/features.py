@@ -1,38 +1,49 @@
-"""Features stage: run the frozen CLIP tower once over every training image; write fp16 Parquet shards.
+"""Features stage: run the frozen CLIP tower once over every unique training image; write fp16 Parquet shards.
 
 Both training stages read these shards instead of decoding images and running CLIP at every step.
 
-Sharding is by position among the dataset's image records (shard i holds image records
-[i*shard_size, (i+1)*shard_size)), so a shard's content never depends on which images turn out bad.
+Features are stored once per unique image, keyed by the image path exactly as the records name it: in
+llava_instruct_150k ~158K records share ~81K COCO images, so per-record storage paid twice for half of them.
+Unique images are ordered by a seeded hash (`FeaturesStage.seed`), not file order, so a shard is a random
+sample of the dataset and training's shard-local windows approximate a global shuffle. Shard i holds
+positions [i*shard_size, (i+1)*shard_size) of that order, so a shard's content never depends on which images
+turn out bad. The order is recorded in `plan.json` (seed, counts, a digest of the order) and `images.parquet`
+(image, shard, position, the ids of the records that use it).
+
 A job array deals the missing shards out to its tasks; a rerun computes only the shards that are not there.
-Records whose image is missing, corrupt or outside the image root are skipped and listed (id, image,
-reason) in the shard's sidecar and, once all shards exist, in `bad_records.jsonl`.
+Images that are missing, corrupt or outside the image root are skipped and listed with every record id that
+uses them in the shard's sidecar; once all shards exist, `bad_records.jsonl` names each record that cannot be
+trained on (one row per record: its id, image and reason; malformed records by position and field).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from llava_hpc import faults
-from llava_hpc.data.features_io import shard_name, shard_paths, write_shard
+from llava_hpc.data.features_io import file_sha256, shard_name, shard_paths, write_shard
 from llava_hpc.model.vision import build_vision_tower
-from llava_hpc.rundir import append_jsonl, atomic_write_json, atomic_write_jsonl
+from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_jsonl
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import (
     BadRecord,
     DatasetFileError,
     ImageLoader,
-    ImageRecord,
     compute_device,
     image_record,
     load_records,
@@ -41,7 +52,6 @@ from llava_hpc.stages.common import (
 )
 
 log = logging.getLogger("llava_hpc.features")
-
 
 
 def output_dir(ctx: StageContext, dataset: str) -> Path:
@@ -63,22 +73,72 @@ def preflight(ctx: StageContext) -> list[str]:
     return model_preflight(ctx.pipeline)
 
 
-def _image_records(ctx: StageContext, dataset: str) -> tuple[list[ImageRecord | BadRecord], int]:
-    """All records that carry an image, in file order (malformed ones as BadRecord), and the text-only count."""
+@dataclass
+class DatasetPlan:
+    """What the records say, before any image is opened: the unique images in shard order and who uses them."""
+
+    seed: int
+    shard_size: int
+    order: list[str]  # unique image paths, as the records name them, in shard order
+    references: dict[str, list[str]]  # image -> ids of the records that use it, in file order
+    malformed: list[dict]  # records image_record rejected: position, id where it has one, reason
+    records: int
+    image_records: int
+    text_only: int
+
+    @property
+    def shards(self) -> int:
+        return _shard_count(len(self.order), self.shard_size)
+
+    def shard_images(self, shard: int) -> list[str]:
+        return self.order[shard * self.shard_size : (shard + 1) * self.shard_size]
+
+    def description(self) -> dict:
+        """plan.json: what a rerun must reproduce exactly before it may add shards beside the existing ones."""
+        return {
+            "layout": "unique-images",
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "shards": self.shards,
+            "records": self.records,
+            "image_records": self.image_records,
+            "unique_images": len(self.order),
+            "malformed_records": len(self.malformed),
+            "text_only_records": self.text_only,
+            "order_sha256": hashlib.sha256("\n".join(self.order).encode()).hexdigest(),
+        }
+
+
+def shard_order_key(seed: int, image: str) -> str:
+    """Where an image goes in the shard order. A hash rather than a seeded RNG permutation: the order is a
+    function of (seed, path) alone, stable across numpy versions, and a rerun months later must reproduce the
+    existing shards' membership exactly to add the missing ones."""
+    return hashlib.sha256(f"{seed}\0{image}".encode()).hexdigest()
+
+
+def dataset_plan(ctx: StageContext, dataset: str) -> DatasetPlan:
+    settings = ctx.pipeline.stages.features
     records = load_records(dataset, ctx.pipeline.datasets[dataset], ctx.pipeline)
-    items: list[ImageRecord | BadRecord] = []
-    text_only = 0
+    references: dict[str, list[str]] = {}
+    malformed: list[dict] = []
+    text_only = image_records = 0
     for position, record in enumerate(records):
         try:
             item = image_record(record, position)
         except BadRecord as bad:
-            items.append(bad)
+            row = {"position": position, "reason": str(bad)}
+            if isinstance(record, dict) and isinstance(record.get("id"), (str, int)) and not isinstance(record["id"], bool):
+                row["id"] = str(record["id"])
+            malformed.append(row)
             continue
         if item is None:
             text_only += 1
         else:
-            items.append(item)
-    return items, text_only
+            image_records += 1
+            references.setdefault(item.image, []).append(item.id)
+    order = sorted(references, key=lambda image: (shard_order_key(settings.seed, image), image))
+    return DatasetPlan(settings.seed, settings.shard_size, order, references, malformed, len(records),
+                       image_records, text_only)
 
 
 def _shard_count(n_items: int, shard_size: int) -> int:
@@ -89,6 +149,46 @@ def _missing_shards(directory: Path, count: int) -> list[int]:
     return [i for i in range(count) if not (directory / f"{shard_name(i)}.parquet").exists()]
 
 
+def _check_plan_unchanged(directory: Path, planned: DatasetPlan) -> None:
+    """Shards already written belong to the order they were planned in: adding shards of another order would
+    drop some images and hold others twice."""
+    plan_file = directory / "plan.json"
+    if not plan_file.exists() or not shard_paths(directory):
+        return
+    try:
+        recorded = json.loads(plan_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{plan_file}: unreadable ({exc}); resubmit the features stage with --force") from None
+    expected = planned.description()
+    changed = [key for key in ("layout", "seed", "shard_size", "order_sha256") if recorded.get(key) != expected[key]]
+    if changed:
+        raise ValueError(
+            f"{plan_file}: the existing shards were planned with a different {', '.join(changed)} (the dataset's "
+            f"images, the features seed or shard_size changed, or the shards predate per-image features); "
+            "resubmit the features stage with --force to recompute them all"
+        )
+
+
+def _write_plan(directory: Path, planned: DatasetPlan) -> None:
+    """plan.json and images.parquet, atomically; every array task writes the same bytes, so skip when present."""
+    description = planned.description()
+    plan_file = directory / "plan.json"
+    images_file = directory / "images.parquet"
+    with contextlib.suppress(OSError, ValueError):
+        if images_file.exists() and json.loads(plan_file.read_text()) == description:
+            return
+    positions = range(len(planned.order))
+    table = pa.table({
+        "image": pa.array(planned.order, pa.string()),
+        "shard": pa.array([p // planned.shard_size for p in positions], pa.int32()),
+        "position": pa.array(list(positions), pa.int64()),
+        "record_ids": pa.array([planned.references[image] for image in planned.order], pa.list_(pa.string())),
+    })
+    with atomic_path(images_file) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    atomic_write_json(plan_file, description)  # last: a plan.json always has its images.parquet
+
+
 def plan(ctx: StageContext) -> list[Task]:
     settings = ctx.pipeline.stages.features
     tasks: list[Task] = []
@@ -97,14 +197,22 @@ def plan(ctx: StageContext) -> list[Task]:
         if ctx.run.is_done(directory):
             continue
         try:
-            items, _ = _image_records(ctx, dataset)
+            planned = dataset_plan(ctx, dataset)
         except DatasetFileError as exc:
             if not ctx.dry_run:
                 raise
             # A dry run where the data is not (a laptop): as many tasks as the data would have at least.
             ctx.warnings.append(f"features: {exc}; planned {settings.array_tasks} task(s), shards unknown")
-            items = [None] * settings.array_tasks * settings.shard_size
-        missing = _missing_shards(directory, _shard_count(len(items), settings.shard_size))
+            count = settings.array_tasks
+        else:
+            try:
+                _check_plan_unchanged(directory, planned)
+            except ValueError as exc:
+                if not ctx.dry_run:  # a dry run with --force would clear the old shards: say it, do not refuse
+                    raise
+                ctx.warnings.append(f"features: {exc}")
+            count = planned.shards
+        missing = _missing_shards(directory, count)
         n_tasks = max(1, min(settings.array_tasks, len(missing)))
         for k in range(n_tasks):
             shards = missing[k::n_tasks]
@@ -119,48 +227,59 @@ def plan(ctx: StageContext) -> list[Task]:
     return tasks
 
 
-def _load_batch(loader: ImageLoader, items: list[ImageRecord | BadRecord], workers: int):
-    def load(item):
-        if isinstance(item, BadRecord):
-            return item
+def content_hash(loader: ImageLoader, image_name: str, image: Image.Image) -> str:
+    """What the image was when its features were computed. Files: sha256 of the file's bytes (what `sha256sum`
+    prints). Synthetic renders have no file: sha256 of the decoded RGB pixels (with mode and size), which changes
+    exactly when the world renders that image differently and, unlike PNG bytes, not with the encoder's version.
+    The prefix says which, so the two are never compared."""
+    if loader.world is not None:
+        digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+        digest.update(image.tobytes())
+        return f"rgb-sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256((loader.root / image_name).resolve())}"
+
+
+def _load_batch(loader: ImageLoader, images: list[str], workers: int):
+    """(decoded image, content hash) per name, or the BadRecord saying why it cannot be used."""
+
+    def load(name: str):
         try:
-            return loader.load(item.image)
+            image = loader.load(name)
+            return image, content_hash(loader, name, image)
         except BadRecord as bad:
             return bad
+        except OSError as exc:  # vanished between decoding and hashing
+            return BadRecord(f"image {name!r} unreadable: {exc}")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(load, items))
+        return list(pool.map(load, images))
 
 
-def _encode_shard(tower, loader, items, batch_size: int, workers: int):
-    ids: list[str] = []
-    images: list[str] = []
+def _encode_shard(tower, loader, planned: DatasetPlan, images: list[str], batch_size: int, workers: int):
+    names: list[str] = []
+    hashes: list[str] = []
     blocks: list[np.ndarray] = []
     bad: list[dict] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
         loaded = _load_batch(loader, batch, workers)
         good = []
-        for item, image in zip(batch, loaded):
-            if isinstance(image, BadRecord):
-                record = {"reason": str(image)}
-                if isinstance(item, ImageRecord):
-                    record.update(id=item.id, image=item.image)
-                bad.append(record)
+        for name, result in zip(batch, loaded):
+            if isinstance(result, BadRecord):
+                bad.append({"image": name, "reason": str(result), "record_ids": planned.references[name]})
             else:
-                good.append((item, image))
+                good.append((name, *result))
         if not good:
             continue
-        pixels = tower.preprocess([image for _, image in good])
-        features = tower(pixels).to(torch.float16).cpu().numpy()
-        blocks.append(features)
-        ids.extend(item.id for item, _ in good)
-        images.extend(item.image for item, _ in good)
+        pixels = tower.preprocess([image for _, image, _ in good])
+        blocks.append(tower(pixels).to(torch.float16).cpu().numpy())
+        names.extend(name for name, _, _ in good)
+        hashes.extend(digest for _, _, digest in good)
     if blocks:
         features = np.concatenate(blocks)
     else:
         features = np.zeros((0, tower.num_patches, tower.hidden_size), dtype=np.float16)
-    return ids, images, features, bad
+    return names, hashes, features, bad
 
 
 def run(ctx: StageContext, task: Task) -> dict:
@@ -168,8 +287,9 @@ def run(ctx: StageContext, task: Task) -> dict:
     dataset = task.payload["dataset"]
     directory = output_dir(ctx, dataset)
     directory.mkdir(parents=True, exist_ok=True)
-    items, text_only = _image_records(ctx, dataset)
-    atomic_write_json(directory / "plan.json", {"shards": _shard_count(len(items), settings.shard_size), "image_records": len(items)})
+    planned = dataset_plan(ctx, dataset)
+    _check_plan_unchanged(directory, planned)
+    _write_plan(directory, planned)
     loader = ImageLoader(ctx.pipeline.datasets[dataset], ctx.pipeline)
     device, dtype = compute_device()
     tower = build_vision_tower(vision_spec(ctx.pipeline), device=device, dtype=dtype)
@@ -184,52 +304,63 @@ def run(ctx: StageContext, task: Task) -> dict:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         started = time.time()
-        chunk = items[shard * settings.shard_size : (shard + 1) * settings.shard_size]
-        ids, images, features, bad = _encode_shard(tower, loader, chunk, settings.batch_size, workers)
-        meta = write_shard(directory, shard, ids, images, features, bad, compression=settings.compression)
+        chunk = planned.shard_images(shard)
+        names, hashes, features, bad = _encode_shard(tower, loader, planned, chunk, settings.batch_size, workers)
+        meta = write_shard(directory, shard, images=names, content_hashes=hashes, features=features, bad_images=bad,
+                           compression=settings.compression)
         seconds = time.time() - started
         append_jsonl(
             directory / "metrics.jsonl",
-            {"shard": shard, "rows": len(ids), "bad": len(bad), "seconds": round(seconds, 3),
+            {"shard": shard, "rows": len(names), "bad": len(bad), "seconds": round(seconds, 3),
              "images_per_s": round(len(chunk) / max(seconds, 1e-9), 1), "bytes": meta["bytes"], "time": time.time()},
         )
-        log.info("%s %s: %d rows, %d bad, %.1f img/s", dataset, target.name, len(ids), len(bad), len(chunk) / max(seconds, 1e-9))
+        log.info("%s %s: %d images, %d bad, %.1f img/s", dataset, target.name, len(names), len(bad), len(chunk) / max(seconds, 1e-9))
         written += 1
         faults.pause("after_shard")
 
-    finalized = finalize(ctx, dataset, n_items=len(items), text_only=text_only)
+    finalized = finalize(ctx, dataset, planned)
     return {"dataset": dataset, "shards_written": written, "dataset_done": finalized}
 
 
-def finalize(ctx: StageContext, dataset: str, n_items: int, text_only: int) -> bool:
+def finalize(ctx: StageContext, dataset: str, planned: DatasetPlan) -> bool:
     """Once every shard exists: merge bad records, write the summary and `_SUCCESS`. Idempotent, so whichever
     array task finishes last does it (two doing it at once write the same bytes)."""
-    settings = ctx.pipeline.stages.features
     directory = output_dir(ctx, dataset)
-    count = _shard_count(n_items, settings.shard_size)
+    count = planned.shards
     if _missing_shards(directory, count):
         return False
-    rows = bad = size = 0
-    bad_records: list[dict] = []
+    rows = size = 0
+    bad_images: list[dict] = []
     shape = None
     for i in range(count):
         meta = json.loads((directory / f"{shard_name(i)}.json").read_text())
         rows += meta["rows"]
-        bad += meta["bad"]
         size += meta["bytes"]
-        bad_records.extend(meta["bad_records"])
+        bad_images.extend(meta["bad_images"])
         shape = shape or meta["shape"]
+    # One row per record that cannot be trained on: malformed ones first (file order), then by image.
+    bad_records = list(planned.malformed)
+    for bad in bad_images:
+        bad_records.extend({"id": record_id, "image": bad["image"], "reason": bad["reason"]} for record_id in bad["record_ids"])
     atomic_write_jsonl(directory / "bad_records.jsonl", bad_records)
+    unique = len(planned.order)
     summary = {
         "dataset": dataset,
+        "seed": planned.seed,
         "shards": count,
+        "records": planned.records,
+        "image_records": planned.image_records,
+        "unique_images": unique,
+        "dedup_ratio": round(planned.image_records / unique, 4) if unique else None,
         "rows": rows,
-        "bad_records": bad,
-        "text_only_records": text_only,
+        "bad_images": len(bad_images),
+        "bad_records": len(bad_records),
+        "malformed_records": len(planned.malformed),
+        "text_only_records": planned.text_only,
         "bytes": size,
         "bytes_per_image": round(size / rows, 1) if rows else None,
         "features_shape": shape,
-        "compression": settings.compression,
+        "compression": ctx.pipeline.stages.features.compression,
     }
     atomic_write_json(directory / "summary.json", summary)
     ctx.run.mark_done(directory, summary)

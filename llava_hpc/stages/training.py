@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from llava_hpc.config import TrainStage
 from llava_hpc.data.datasets import Collator, FeatureConversationDataset
+from llava_hpc.data.encoded import EncodedCache, EncodeSettings, cache_spec, file_fingerprint
 from llava_hpc.data.features_io import FeatureStore
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.model.builders import build_llava
 from llava_hpc.rundir import atomic_write_json
 from llava_hpc.stages import StageContext, Task
-from llava_hpc.stages.common import llava_spec, load_records, model_preflight
+from llava_hpc.stages.common import llava_spec, load_positioned_records, model_preflight, subset_positions
 from llava_hpc.train import distributed
 from llava_hpc.train.loop import TrainResult, TrainSettings, plot_loss, train
 
@@ -34,7 +35,8 @@ def settings_of(stage: TrainStage) -> TrainSettings:
         gradient_checkpointing=stage.gradient_checkpointing, save_every_steps=stage.save_every_steps,
         keep_checkpoints=stage.keep_checkpoints, zero_stage=stage.zero_stage,
         offload_optimizer=stage.offload_optimizer, offload_params=stage.offload_params,
-        shuffle_window_shards=stage.shuffle_window_shards,
+        shuffle_window_shards=stage.shuffle_window_shards, log_every_steps=stage.log_every_steps,
+        group_by_length=stage.group_by_length,
     )
 
 
@@ -73,6 +75,64 @@ def progress(ctx: StageContext, stage: str) -> str | None:
     return f"step {last['step']}, loss {last['loss']:.3f}"
 
 
+def encoded_cache(ctx: StageContext, stage: str, template: ConversationTemplate,
+                  settings: EncodeSettings) -> EncodedCache:
+    """The stage's encoded-records cache, keyed by everything its samples depend on (see data.encoded)."""
+    config: TrainStage = getattr(ctx.pipeline.stages, stage)
+    dataset = ctx.pipeline.datasets[config.dataset]
+    if dataset.kind == "synthetic":
+        source = {"synthetic": ctx.pipeline.synthetic.model_dump(mode="json"), "split": dataset.split}
+    else:
+        source = file_fingerprint(dataset.path)
+    subset = {"seed": dataset.subset_seed, "dataset_max_samples": dataset.max_samples,
+              "stage_max_samples": config.max_samples}
+    return EncodedCache(ctx.run.root / "cache" / "encoded", config.dataset, cache_spec(source, template, settings, subset))
+
+
+def build_cache(ctx: StageContext, stage: str, cache: EncodedCache, template: ConversationTemplate,
+                settings: EncodeSettings, env: distributed.DistributedEnv) -> None:
+    """Collective: unless the cache is complete, every rank encodes its share (with a pool of its CPUs), then rank 0
+    publishes it. A failure on any rank fails every rank with its message, never a hang at a barrier."""
+    # One decision for all ranks: a cache published by another job between two ranks' checks must not split them.
+    _, missing = distributed.all_reduce_mean_and_any(0.0, not cache.is_complete())
+    if not missing:
+        return
+    config: TrainStage = getattr(ctx.pipeline.stages, stage)
+    dataset = ctx.pipeline.datasets[config.dataset]
+    source = str(dataset.path) if dataset.path else f"synthetic {dataset.split}"
+    failure, subset = None, None
+    try:
+        records, positions = load_positioned_records(config.dataset, dataset, ctx.pipeline)
+        if config.max_samples is not None:  # the stage's own subset, drawn from the dataset's
+            chosen = subset_positions(len(records), config.max_samples, dataset.subset_seed)
+            records, positions = [records[i] for i in chosen], positions[chosen]
+        subset = {**cache.spec["subset"], "records_chosen": len(positions), "positions": positions.tolist()}
+        workers = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+        cache.encode_part(records, positions, template, settings, env.rank, env.world_size, source, workers,
+                          progress=env.is_main)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised
+        failure = f"{type(exc).__name__}: {exc}"
+        if env.world_size == 1:
+            raise
+    _raise_failures(stage, distributed.gather_failures(failure))
+    failure = None
+    if env.is_main:
+        try:
+            report = cache.finalize(env.world_size, subset)
+            log.info("%s: encoded %s into %s", stage, report["counts"], cache.directory)
+        except Exception as exc:  # noqa: BLE001
+            failure = f"{type(exc).__name__}: {exc}"
+            if env.world_size == 1:
+                raise
+    _raise_failures(stage, distributed.gather_failures(failure))
+
+
+def _raise_failures(stage: str, failures: list[tuple[int, str]]) -> None:
+    if failures:
+        raise RuntimeError(f"{stage}: encoding the training records failed: " +
+                           "; ".join(f"rank {rank}: {message}" for rank, message in failures))
+
+
 def run_training(
     ctx: StageContext,
     stage: str,
@@ -95,19 +155,21 @@ def run_training(
     model, tokenizer = build_llava(spec, device=device, with_vision_tower=False)
     prepare(model)
 
-    dataset_config = ctx.pipeline.datasets[config.dataset]
-    records = load_records(config.dataset, dataset_config, ctx.pipeline)
-    if config.max_samples is not None:
-        records = records[: config.max_samples]
     # Checksums are checked as each shard is first loaded: a shard corrupted on the shared filesystem must not train
     # silently. Two windows of shards are cached: a global batch that straddles two windows reads from both.
     store = FeatureStore(ctx.run.stage_dir("features") / config.dataset, verify=True,
                          cache_shards=2 * config.shuffle_window_shards)
     template = ConversationTemplate(template_name, tokenizer)
-    source = str(dataset_config.path) if dataset_config.path else f"synthetic {dataset_config.split}"
-    dataset = FeatureConversationDataset(records, store, template, spec.max_length, config.overlong, source)
+    encode_settings = EncodeSettings(store.num_patches, spec.max_length, config.overlong)
+    cache = encoded_cache(ctx, stage, template, encode_settings)
+    build_cache(ctx, stage, cache, template, encode_settings, env)
+    cache_report = cache.report()
+    dataset = FeatureConversationDataset(cache.open(), store, cache_report["counts"])
     if len(dataset) == 0:
         raise ValueError(f"{stage}: dataset {config.dataset!r} has no usable samples")
+    if dataset.missing_features:
+        log.warning("%s: %d samples dropped, their images have no features (e.g. %s)", stage,
+                    len(dataset.missing_features), dataset.missing_features[0])
     collate = Collator(tokenizer.pad_token_id, padding_side="right")
 
     result: TrainResult = train(model, dataset, collate, settings, out_dir, env, device, stage)
@@ -117,7 +179,11 @@ def run_training(
         summary.update(
             stage=stage, steps=result.steps, resumed_from_step=result.resumed_from, final_loss=result.final_loss,
             seconds=round(result.seconds, 1), world_size=env.world_size, template=template_name,
-            samples=len(dataset), data=asdict(dataset.stats) | {"skipped_ids": dataset.stats.skipped_ids[:20]},
+            samples=len(dataset), data=dataset.stats,
+            encoded_cache={"key": cache.key, "path": str(cache.directory), "counts": cache_report["counts"],
+                           "skipped_file": str(cache.directory / "skipped.jsonl"),
+                           "skipped_first": cache.skipped()[:20],
+                           "missing_features_first": dataset.missing_features[:20]},
             # How the features were read by this rank: about one decode per shard per epoch when shard-local.
             feature_shards={"shards": len(store.paths), "window": config.shuffle_window_shards,
                             "decodes": store.shard_loads},

@@ -18,6 +18,8 @@ import torch
 TIMEOUT_ENV = "LLAVA_HPC_COLLECTIVE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800.0
 
+_cpu_group = None  # a gloo group beside an NCCL one, for small host-side agreements (None: the default group is fine)
+
 
 @dataclass(frozen=True)
 class DistributedEnv:
@@ -67,9 +69,14 @@ def setup(env: DistributedEnv) -> torch.device:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device = torch.device("cpu")
     if env.world_size > 1 and not torch.distributed.is_initialized():
+        global _cpu_group
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                             timeout=datetime.timedelta(seconds=collective_timeout_s()))
+        timeout = datetime.timedelta(seconds=collective_timeout_s())
+        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        if backend == "nccl":
+            # The per-step flags (`any_rank`) travel on the CPU: a GPU collective would make the host wait for every
+            # kernel queued so far, each step.
+            _cpu_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     return device
 
 
@@ -85,29 +92,47 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def _tensor(values: list[float], dtype=torch.float64) -> torch.Tensor:
-    tensor = torch.tensor(values, dtype=dtype)
-    return tensor.cuda() if torch.distributed.get_backend() == "nccl" else tensor
-
-
-def all_reduce_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
-    """The mean of `value` over ranks and whether `flag` is set on any rank, in one all-reduce."""
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether any rank set it: one small all-reduce, and none at all in a single process. On NCCL it
+    runs on the CPU group, so the host never waits for the GPU's queue to drain (it waits for the other ranks)."""
     if not torch.distributed.is_initialized():
-        return value, flag
-    tensor = _tensor([value, float(flag)])
+        return flags
+    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+    if _cpu_group is None and torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=_cpu_group)
+    return tuple(bool(value) for value in tensor.tolist())
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over ranks, as a float (waits for the device: call it only where you log)."""
+    if not torch.distributed.is_initialized():
+        return float(value)
+    tensor = value.detach().to(torch.float64).reshape(1)
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
     torch.distributed.all_reduce(tensor)
-    return tensor[0].item() / torch.distributed.get_world_size(), tensor[1].item() > 0
+    return tensor.item() / torch.distributed.get_world_size()
 
 
-def gather_failures(failure: str | None) -> list[tuple[int, str]]:
-    """(rank, message) of every rank that failed, in rank order; empty if none did. Collective. The usual case costs
-    one one-element all-reduce; messages travel only when something failed."""
+def failure_messages(failure: str | None) -> list[tuple[int, str]]:
+    """(rank, message) of every rank that failed, in rank order. Collective; call it once `any_rank` said some rank
+    failed, so messages travel only then."""
     if not torch.distributed.is_initialized():
         return [] if failure is None else [(0, failure)]
-    flag = _tensor([0 if failure is None else 1], dtype=torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if flag.item() == 0:
-        return []
     gathered: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, failure)
     return [(rank, message) for rank, message in enumerate(gathered) if message is not None]
+
+
+def all_reduce_mean_and_any(value: float, flag: bool) -> tuple[float, bool]:
+    """The mean of `value` over ranks and whether `flag` is set on any rank."""
+    (flag,) = any_rank(flag)
+    return mean_over_ranks(torch.tensor(value, dtype=torch.float64)), flag
+
+
+def gather_failures(failure: str | None) -> list[tuple[int, str]]:
+    """(rank, message) of every rank that failed, in rank order; empty if none did. Collective: one small
+    all-reduce in the usual case, messages only when something failed."""
+    (failed,) = any_rank(failure is not None)
+    return failure_messages(failure) if failed else []

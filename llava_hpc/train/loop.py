@@ -1,15 +1,18 @@
 """The one training loop both stages use, readable top to bottom.
 
     for step in steps not yet done:
-        read this rank's share of the global batch (every rank agrees it could, before any collective)
-        for each micro-batch: forward, backward
+        read this rank's samples of the step; all ranks agree they could, and whether the scheduler's checkpoint
+        signal came during the step before (then: checkpoint that step's end, hand over to the requeue)
+        ask the dataset to decode the next step's samples in the background
+        for each micro-batch: forward, backward (the loss stays on the device)
         clip, optimizer step, lr schedule step
-        log metrics; every `save_every_steps` save a checkpoint, and at once when the scheduler's checkpoint
-        signal came (preemption, time limit), then hand over to the requeue
+        every `log_every_steps` (and at checkpoints): mean loss since the last row -> metrics.jsonl;
+        every `save_every_steps` save a checkpoint
 
-Data order is a pure function of (seed, step): the global sample stream is a concatenation of per-epoch
-permutations, and step s consumes its slice. Resuming at step s therefore sees exactly the samples an
-uninterrupted run would have, so an interrupted-and-resumed run ends with the same weights (bitwise on CPU).
+Data order is a pure function of (seed, step, rank, world size) (llava_hpc/data/sampling.py). Resuming at step s
+therefore sees exactly the samples an uninterrupted run would have, so an interrupted-and-resumed run ends with the
+same weights (bitwise on CPU). Between logging steps nothing waits for the device: with one process there is no
+host-device sync at all, with several one small CPU all-reduce of flags per step.
 
 Two engines behind one interface: plain torch (one process, `zero_stage = 0`) and DeepSpeed ZeRO-2/3
 (any number of processes, one per Slurm task).
@@ -32,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from llava_hpc import checkpoint_signal, faults
+from llava_hpc.data.sampling import SampleStream
 from llava_hpc.rundir import (
     DiskFullError,
     is_disk_full,
@@ -69,6 +73,8 @@ class TrainSettings:
     offload_optimizer: bool = False
     offload_params: bool = False
     shuffle_window_shards: int = 4  # data order: shards mixed at a time (SampleStream), so memory is bounded
+    log_every_steps: int = 10  # a metrics row (mean loss since the last) every so many steps, and at checkpoints
+    group_by_length: bool = True  # micro-batches of similar length (less padding), from `dataset.lengths`
 
 
 class ResumeError(RuntimeError):
@@ -86,49 +92,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class SampleStream:
-    """Global sample order: epoch e is a permutation seeded by (seed, e); step s takes samples [s*G, (s+1)*G).
-
-    With `groups` (each sample's feature shard) and more groups than `window`, an epoch is shard-local: the
-    shards are shuffled, cut into windows of `window` shards, and each window's samples are shuffled among
-    themselves. A reader then holds about two windows of shards in memory, never the whole dataset. With
-    `window` or fewer groups this is the plain permutation."""
-
-    def __init__(self, num_samples: int, global_batch: int, seed: int, groups: Sequence[int] | None = None,
-                 window: int = 1):
-        if groups is not None and len(groups) != num_samples:
-            raise ValueError(f"groups names {len(groups)} samples, the stream has {num_samples}")
-        if window < 1:
-            raise ValueError(f"the shuffle window must hold at least one shard, got {window}")
-        self.num_samples, self.global_batch, self.seed, self.window = num_samples, global_batch, seed, window
-        self._blocks: list[list[int]] = []
-        if groups is not None:
-            members: dict[int, list[int]] = {}
-            for index, group in enumerate(groups):
-                members.setdefault(group, []).append(index)
-            if len(members) > window:
-                self._blocks = [members[g] for g in sorted(members)]
-        self._epoch, self._order = -1, []
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            if not self._blocks:
-                order = torch.randperm(self.num_samples, generator=generator).tolist()
-            else:
-                shuffled = [self._blocks[b] for b in torch.randperm(len(self._blocks), generator=generator).tolist()]
-                order = []
-                for start in range(0, len(shuffled), self.window):
-                    window = [i for block in shuffled[start : start + self.window] for i in block]
-                    order.extend(window[j] for j in torch.randperm(len(window), generator=generator).tolist())
-            self._epoch, self._order = epoch, order
-        return self._order
-
-    def global_batch_indices(self, step: int) -> list[int]:
-        start = step * self.global_batch
-        return [self._permutation(k // self.num_samples)[k % self.num_samples] for k in range(start, start + self.global_batch)]
 
 
 def total_steps(num_samples: int, settings: TrainSettings, world_size: int) -> int:
@@ -159,16 +122,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- engines
+def adamw(params: list, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """One fused kernel for all parameters on CUDA; on CPU the multi-tensor (foreach) loop."""
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, **fused)
+
+
 class TorchEngine:
     """One process, plain torch: AdamW, optional autocast and loss scaling."""
 
     def __init__(self, model, settings: TrainSettings, total: int, warmup: int, precision: str, device):
         self.model, self.settings, self.precision, self.device = model, settings, precision, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = adamw(self.params, settings, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.grad_norm = 0.0
+        self._grad_norm = torch.zeros(())  # a device tensor: read (a sync) only when logging
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -183,11 +152,15 @@ class TorchEngine:
 
     def step(self) -> None:
         self.scaler.unscale_(self.optimizer)
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self._grad_norm)
 
     @property
     def lr(self) -> float:
@@ -248,7 +221,7 @@ class DeepSpeedEngine:
             config["optimizer"] = {"type": "AdamW", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}}
             optimizer = None
         else:
-            optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+            optimizer = adamw(params, settings, device)
         scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=config
@@ -352,53 +325,79 @@ def train(
 
     checkpoints = out_dir / "checkpoints"
     start = _resume(engine, checkpoints, env, settings)
-    stream = SampleStream(len(dataset), settings.batch_size * settings.grad_accum * env.world_size, settings.seed,
-                          groups=getattr(dataset, "groups", None), window=settings.shuffle_window_shards)
     per_rank = settings.batch_size * settings.grad_accum
+    lengths = getattr(dataset, "lengths", None) if settings.group_by_length else None
+    stream = SampleStream(len(dataset), per_rank, settings.seed, groups=getattr(dataset, "groups", None),
+                          window=settings.shuffle_window_shards, rank=env.rank, world_size=env.world_size,
+                          lengths=lengths, micro_batch=settings.batch_size)
+    prefetch = getattr(dataset, "prefetch", None)  # decodes feature shards in a background thread
     metrics_file = out_dir / "metrics.jsonl"
     if env.is_main and metrics_file.exists():
-        # Steps after the checkpoint we resume from are done again: drop their rows so each step has one.
+        # Steps after the checkpoint we resume from are done again: drop their rows so each step has at most one.
         kept = [line for line in metrics_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
         atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
     fault_step = faults.exit_after_step()
     log.info("%s: %d samples, %d steps (global batch %d = %d x %d x %d ranks), %s, %s, resuming at step %d",
-             stage, len(dataset), total, stream.global_batch, settings.batch_size, settings.grad_accum,
+             stage, len(dataset), total, per_rank * env.world_size, settings.batch_size, settings.grad_accum,
              env.world_size, precision, type(engine).__name__, start)
 
-    loss_value = float("nan")
+    # What the next metrics row averages: the steps since the last row. The loss sum stays on the device.
+    window_loss, window_steps, window_tokens, window_started = torch.zeros((), device=device), 0, 0, time.time()
+    loss_value, last_saved = float("nan"), start
+
+    def write_metrics(done: int) -> None:
+        nonlocal loss_value, window_loss, window_steps, window_tokens, window_started
+        loss_value = distributed.mean_over_ranks(window_loss / window_steps)  # collective; waits for the device
+        seconds = time.time() - window_started
+        if env.is_main:
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
+            append_jsonl(metrics_file, {
+                "step": done, "loss": loss_value, "lr": engine.lr, "grad_norm": engine.grad_norm,
+                "samples_per_s": window_steps * per_rank * env.world_size / seconds,
+                "tokens_per_s": window_tokens * env.world_size / seconds,
+                "memory_gb": _memory_gb(device), "time": time.time(),
+            })
+        window_loss, window_steps, window_tokens, window_started = torch.zeros((), device=device), 0, 0, time.time()
+
     progress = tqdm(range(start, total), initial=start, total=total, desc=stage, disable=not env.is_main,
                     mininterval=5, dynamic_ncols=True)
     with checkpoint_signal.checkpoint_window():
         for step in progress:
-            step_started = time.time()
-            indices = stream.global_batch_indices(step)[env.rank * per_rank : (env.rank + 1) * per_rank]
-            batches = _read_step(dataset, collate, indices, settings.batch_size, step, env)
-            losses, tokens = [], 0
+            batches, error = _read_step(dataset, collate, stream.step_indices(step), settings.batch_size)
+            # Before any collective of the step, every rank agrees it could read its batch (a rank that cannot must
+            # not leave the others waiting in a gradient all-reduce), and whether any got the checkpoint signal
+            # during the step before: then that step's end is checkpointed, and the requeue takes over.
+            failed, interrupted = distributed.any_rank(error is not None, checkpoint_signal.requested())
+            if failed:
+                _raise_read_failure(error, step, env)
+            if interrupted:
+                if window_steps:
+                    write_metrics(step)
+                if step > last_saved:
+                    save_checkpoint(engine, checkpoints, step, env, settings)
+                log.warning("%s: checkpoint at step %d after the scheduler's signal", stage, step)
+                checkpoint_signal.release()
+            if prefetch is not None and step + 1 < total:
+                prefetch(stream.step_indices(step + 1))
+
+            step_loss = torch.zeros((), device=device)
             for batch in batches:
+                window_tokens += _tokens(batch)  # counted on the host copy: no sync
                 batch = batch.to(device)
                 loss = engine.loss(batch.model_inputs())
                 engine.backward(loss)
-                losses.append(loss.item())
-                images = 0 if batch.image_features is None else batch.image_features.shape[0] * (batch.image_features.shape[1] - 1)
-                tokens += int(batch.attention_mask.sum()) + images
+                step_loss += loss.detach().float()
             engine.step()
-            # One all-reduce per step carries the mean loss and whether any rank got the checkpoint signal.
-            loss_value, interrupted = distributed.all_reduce_mean_and_any(sum(losses) / len(losses),
-                                                                          checkpoint_signal.requested())
-            seconds = time.time() - step_started
-            if env.is_main:
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
-                append_jsonl(metrics_file, {
-                    "step": step + 1, "loss": loss_value, "lr": engine.lr, "grad_norm": engine.grad_norm,
-                    "samples_per_s": stream.global_batch / seconds, "tokens_per_s": tokens * env.world_size / seconds,
-                    "memory_gb": _memory_gb(device), "time": time.time(),
-                })
+            window_loss += step_loss / len(batches)
+            window_steps += 1
+
             done = step + 1
-            if done % settings.save_every_steps == 0 or done == total or interrupted:
+            checkpoint_due = done % settings.save_every_steps == 0 or done == total
+            if checkpoint_due or done % settings.log_every_steps == 0 or done == start + 1:
+                write_metrics(done)
+            if checkpoint_due:
                 save_checkpoint(engine, checkpoints, done, env, settings)
-            if interrupted and done < total:
-                log.warning("%s: checkpoint at step %d after the scheduler's signal", stage, done)
-                checkpoint_signal.release()
+                last_saved = done
             if fault_step is not None and done == fault_step and done < total:
                 log.warning("fault injection: exiting after step %d", done)
                 os._exit(3)
@@ -407,25 +406,28 @@ def train(
     return TrainResult(total, start, loss_value, time.time() - started, engine)
 
 
-def _read_step(dataset, collate: Callable, indices: list[int], batch_size: int, step: int, env) -> list:
-    """This rank's micro-batches of a step, read before any collective of the step: a rank that cannot read its
-    data (a corrupt shard) must not leave the others waiting in a gradient all-reduce. All ranks agree first, and
-    all stop with the failing rank's own message."""
-    error: BaseException | None = None
-    batches = []
+def _tokens(batch) -> int:
+    """Positions the model computes: real text tokens plus each image's patches beyond its placeholder."""
+    images = 0 if batch.image_features is None else batch.image_features.shape[0] * (batch.image_features.shape[1] - 1)
+    return int(batch.attention_mask.sum()) + images
+
+
+def _read_step(dataset, collate: Callable, indices: list[int], batch_size: int) -> tuple[list, BaseException | None]:
+    """This rank's micro-batches of a step, or the error that kept it from reading them (a corrupt shard)."""
     try:
-        for start in range(0, len(indices), batch_size):
-            batches.append(collate([dataset[i] for i in indices[start : start + batch_size]]))
-    except Exception as exc:  # reported to every rank below, then raised here with its own traceback
-        error = exc
-    failure = None if error is None else f"{type(error).__name__}: {error}"
-    failures = distributed.gather_failures(failure)
+        return [collate([dataset[i] for i in indices[start : start + batch_size]])
+                for start in range(0, len(indices), batch_size)], None
+    except Exception as exc:  # reported to every rank (_raise_read_failure), then raised with its own traceback
+        return [], exc
+
+
+def _raise_read_failure(error: BaseException | None, step: int, env) -> None:
+    """Every rank stops: the failing rank with its own error, the others with the failing rank's message."""
+    failures = distributed.failure_messages(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    if failures:
-        rank, message = failures[0]
-        raise RankDataError(f"step {step + 1}: rank {rank} of {env.world_size} could not read its batch: {message}")
-    return batches
+    rank, message = failures[0]
+    raise RankDataError(f"step {step + 1}: rank {rank} of {env.world_size} could not read its batch: {message}")
 
 
 def save_checkpoint(engine, checkpoints: Path, step: int, env, settings: TrainSettings) -> None:
