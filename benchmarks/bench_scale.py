@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -194,12 +193,20 @@ def padding(workdir: Path, quick: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- RSS per rank
+def _status_kib(field: str) -> int:
+    """This process's own memory from /proc (ru_maxrss would carry the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def read_as_rank(directory: Path, rank: int, world: int, window: int, batch: int) -> dict:
     """One rank's epoch in training's order (the stream, the store, next-step prefetch); its own peak RSS."""
     from llava_hpc.data.features_io import FeatureStore
     from llava_hpc.data.sampling import SampleStream
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _status_kib("VmRSS")
     with FeatureStore(directory, verify=True, cache_shards=2 * window + 1) as store:
         images = store.images
         groups = [store.shard_of(image) for image in images]
@@ -213,7 +220,7 @@ def read_as_rank(directory: Path, rank: int, world: int, window: int, batch: int
                 np.asarray(store.get(images[index]), dtype=np.float32).sum()  # the copy the collator makes
         seconds = time.perf_counter() - started
         decodes = store.shard_loads
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     return {"rank": rank, "world": world, "rss_gib": (peak - baseline) / 2**20, "decodes": decodes,
             "shards": len(store.paths), "seconds": seconds}
 

@@ -73,8 +73,12 @@ def fault_pipeline(run_dir: Path, judge_url: str, images: Path, **judge) -> dict
         synthetic={"n_pretrain": 64, "n_instruct": 48, "n_bench": 130},  # 130 questions: 3 generate chunks
         stages={
             "features": {"batch_size": 16, "shard_size": 16, "array_tasks": 2},  # 4 + 3 shards, 4 array tasks
-            "stage1": {"dataset": "pretrain", "zero_stage": 0, "batch_size": 8, "epochs": 1, "save_every_steps": 2},
-            "stage2": {"dataset": "instruct", "zero_stage": 0, "batch_size": 8, "epochs": 1, "save_every_steps": 2},
+            # A metrics row per step: the curve of an interrupted run must equal the clean one's step for step (with
+            # windows, a resumed job's first row would average fewer steps).
+            "stage1": {"dataset": "pretrain", "zero_stage": 0, "batch_size": 8, "epochs": 1, "save_every_steps": 2,
+                       "log_every_steps": 1},
+            "stage2": {"dataset": "instruct", "zero_stage": 0, "batch_size": 8, "epochs": 1, "save_every_steps": 2,
+                       "log_every_steps": 1},
             "generate": {"batch_size": 32, "max_new_tokens": 4},
         },
         benches={"synthetic": {"kind": "synthetic"},
