@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from llava_hpc.data.features_io import file_sha256
 from llava_hpc.data.templates import (
     ConversationTemplate,
     RecordError,
@@ -281,7 +282,7 @@ class EncodedCache:
             raise _nothing_usable(self.spec["source"].get("path", "synthetic"), totals, skipped)
         spec = dict(self.spec)
         if "path" in spec["source"]:
-            spec["source_sha256"] = _file_sha256(spec["source"]["path"])
+            spec["source_sha256"] = file_sha256(Path(spec["source"]["path"]))
         atomic_write_json(build / "spec.json", spec)
         atomic_write_jsonl(build / "skipped.jsonl", skipped)
         atomic_write_text(build / "subset.json", json.dumps(subset, sort_keys=True) + "\n")
@@ -313,14 +314,6 @@ class EncodedCache:
 def _open_ipc(path: Path) -> pa.Table:
     # Uncompressed IPC read from a memory map is zero-copy: the columns are views of the page cache.
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class EncodedSamples:
