@@ -131,6 +131,17 @@ def _without_secrets():
         os.environ.update(hidden)
 
 
+def job_python(python: str) -> str:
+    """The command a Slurm task starts Python with: USR2 ignored from its first instant.
+
+    Slurm sends USR2 (the time-limit warning, or preemption) whenever it decides, also in the seconds before
+    submitit has installed its handler (Python starting, the task unpickling), and USR2's default action ends the
+    process: the job would end FAILED instead of requeuing. An ignored disposition survives exec, submitit's handler
+    replaces it once installed, and a signal that came too early is only dropped: a preempted job is still requeued
+    by Slurm when its GraceTime ends."""
+    return f"bash -c 'trap \"\" USR2; exec \"$0\" \"$@\"' {shlex.quote(python)}"
+
+
 def _mem(mem_gb: float) -> str:
     return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
@@ -210,16 +221,16 @@ class Scheduler:
         folder = self.run.log_dir(stage)
         if create_folder:
             folder.mkdir(parents=True, exist_ok=True)
-        python = shlex.quote(self.python)
         if self.executor_kind != "slurm":
-            executor = submitit.AutoExecutor(folder=folder, cluster=self.executor_kind, local_python=python)
+            executor = submitit.AutoExecutor(folder=folder, cluster=self.executor_kind,
+                                             local_python=shlex.quote(self.python))
             params = dict(name=f"llava-{stage}", timeout_min=resources.time, cpus_per_task=resources.cpus,
                           gpus_per_node=resources.gpus, nodes=resources.nodes, tasks_per_node=resources.tasks_per_node)
             if resources.mem_gb is not None:
                 params["mem_gb"] = resources.mem_gb
             executor.update_parameters(**params)
             return executor
-        executor = _SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=python)
+        executor = _SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=job_python(self.python))
         additional = dict(resources.additional)
         if checkpointable:
             # Sites often set JobRequeue=0: a job that must come back after preemption, a time limit or a node

@@ -145,8 +145,9 @@ def executor(tmp_path: Path):
     """Factory of slurm AutoExecutors; every job they submit is cancelled on teardown."""
     name = f"llava-hpc-test-{uuid.uuid4().hex[:8]}"
 
-    def make(partition: str = "standard", requeue: bool = False, **params) -> submitit.AutoExecutor:
-        ex = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm")
+    def make(partition: str = "standard", requeue: bool = False, python: str | None = None,
+             **params) -> submitit.AutoExecutor:
+        ex = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm", slurm_python=python)
         ex.update_parameters(name=name, timeout_min=30, slurm_partition=partition, cpus_per_task=1,
                              slurm_account=SLURM_ACCOUNT)
         if requeue:  # JobRequeue=0 on this cluster, as on many: a job that must come back asks for it
@@ -364,3 +365,19 @@ def test_compute_nodes_reach_only_the_cluster(tmp_path):
         assert lines.count(f"1.1.1.1 {errno.ENETUNREACH}") == 2
     finally:
         server.close()
+
+
+def test_usr2_before_submitit_handles_it_does_not_kill_the_job(executor, tmp_path: Path) -> None:
+    """Slurm may send USR2 (time limit near, preemption) in the seconds before submitit installs its handler. A
+    slow-starting Python widens that window to 10 s; a USR2 inside it must not kill the task (its default action)."""
+    from llava_hpc.scheduler import job_python
+
+    started = tmp_path / "python-started"
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(f"#!/bin/bash\ntouch {started}\nsleep 10\nexec {sys.executable} \"$@\"\n")
+    slow_python.chmod(0o755)
+    job = executor(python=job_python(str(slow_python))).submit(_add, 20, 22)
+    wait_until(started.exists, 60, "the task's python to start")
+    assert subprocess.run(["scancel", "--signal=USR2", job.job_id], timeout=15).returncode == 0
+    assert result_of(job, timeout=60) == 42
+    assert submitit_state(job, {"COMPLETED", "FAILED"}) == "COMPLETED"
