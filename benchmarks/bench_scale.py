@@ -302,7 +302,7 @@ def step_overhead(workdir: Path, quick: bool) -> None:
                                  gradient_checkpointing=False, save_every_steps=10**9, keep_checkpoints=1, zero_stage=0)
         out = workdir / f"loop-{steps}-{time.perf_counter_ns()}"  # a fresh run directory: no resume
         started = time.perf_counter()
-        train(model, dataset, Collator(tokenizer.pad_token_id), settings, out, env, device, "bench")
+        train(model, dataset, Collator.for_training(model, tokenizer.pad_token_id), settings, out, env, device, "bench")
         seconds = time.perf_counter() - started
         store.close()
         return seconds

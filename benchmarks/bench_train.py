@@ -202,7 +202,7 @@ def measure_path(job: dict) -> dict:
     else:
         dataset = ImageConversationDataset(records, template, model.vision_tower.preprocess,
                                            file_image_loader(workdir / "images"), model.num_patches, size.max_length)
-    collate = Collator(tokenizer.pad_token_id, padding_side="right")
+    collate = Collator.for_training(model, tokenizer.pad_token_id)
 
     settings = TrainSettings(batch_size=size.batch_size, grad_accum=1, lr=lr, warmup_ratio=0.0, weight_decay=0.0,
                              max_grad_norm=1.0, epochs=1.0, max_steps=None, seed=0, precision="auto",

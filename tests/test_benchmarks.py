@@ -189,3 +189,17 @@ def test_bench_scale_quick_prints_one_json_object_per_metric():
     decodes = metrics["rss_ratio_4_vs_1"][0]["detail"]["decodes_total"]
     assert decodes["1"] == decodes["2"] == decodes["4"]
     assert [line["detail"]["ranks"] for line in metrics["host_rss_per_rank_gib"]] == [1, 2, 4]
+
+
+@pytest.mark.slow
+def test_bench_bad_input_scale_names_exactly_the_bad_records_and_redoes_nothing():
+    """The bad-input-at-scale run, small (3,000 records, 2 steps): it exits non-zero unless the 7 injected records are
+    exactly the ones named, every other record trains, and the rerun rewrites no file."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_bad_input_scale.py"), "--records", "3000",
+                           "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {row["metric"]: row for row in map(json.loads, done.stdout.splitlines())}
+    assert rows["bad_records_named_exactly"]["value"] == 1
+    assert rows["bad_records_named_exactly"]["detail"]["by_kind"] == {"bad_record": 3, "image": 3, "overlong": 1}
+    assert rows["samples_trained_on"]["value"] == 3000 - 7
+    assert rows["rerun_seconds"]["detail"]["files_rewritten"] == 0

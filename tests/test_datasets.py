@@ -17,7 +17,7 @@ from llava_hpc.data.datasets import (
 )
 from llava_hpc.data.encoded import NoUsableRecordsError
 from llava_hpc.data.features_io import FeatureStore, write_shard
-from llava_hpc.data.llava_json import load_llava_json
+from llava_hpc.data.llava_json import DatasetFileError, UnparsedLine, read_records
 from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
 from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, build_llava
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
@@ -58,37 +58,47 @@ def feature_store(built, world_dir, tmp_path_factory):
 # ----- LLaVA JSON -----
 
 
-def test_load_llava_json_and_jsonl(tmp_path, world_dir):
-    records = load_llava_json(world_dir / "instruct.json")
+def test_read_records_json_and_jsonl(tmp_path, world_dir):
+    records = read_records(world_dir / "instruct.json")
     assert records == WORLD.records("instruct")
     lines = tmp_path / "train.jsonl"
     lines.write_text("".join(json.dumps(r) + "\n" for r in records[:3]) + "\n")
-    assert load_llava_json(lines) == records[:3]
+    assert read_records(lines) == records[:3]
+
+
+def test_records_keep_their_places_repeated_ids_and_all(tmp_path):
+    """What a record holds is checked where it is used (skip and report); ids may repeat, as in LLaVA-665K's mix.
+    A JSON Lines line that does not parse stays in its place, so later positions are still file positions."""
+    same = {"id": "a", "conversations": []}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([same, 3, same]))
+    assert read_records(path) == [same, 3, same]
+    lines = tmp_path / "data.jsonl"
+    lines.write_text(json.dumps(same) + "\n{oops\n\n" + json.dumps(same) + "\n")
+    first, broken, last = read_records(lines)
+    assert first == last == same and isinstance(broken, UnparsedLine) and broken.line == 2
+    assert "line 2 is not valid JSON" in broken.describe()
 
 
 @pytest.mark.parametrize(
     "content, suffix, message",
     [
-        ('[{"id": "a", "conversations": []},\n {"id": ', ".json", "invalid JSON at line 2"),
+        ('[{"id": "a", "conversations": []},\n {"id": ', ".json", "not valid JSON at line 2"),
         ('{"id": "a"}', ".json", "expected a JSON list"),
-        ('[{"id": "a", "conversations": []}, 3]', ".json", "record '#1'"),
-        ('[{"conversations": []}]', ".json", "field id"),
-        ('[{"id": "a", "conversations": []}, {"id": "a", "conversations": []}]', ".json", "duplicate of record #0"),
-        ('[{"id": "a", "conversations": "hi"}]', ".json", "record 'a', field conversations"),
-        ('{"id": "a", "conversations": []}\n{oops}\n', ".jsonl", "invalid JSON at line 2"),
+        (b"[\xff]", ".json", "not UTF-8"),
     ],
 )
-def test_bad_json_files_name_the_file_and_record(tmp_path, content, suffix, message):
+def test_unreadable_files_name_the_file_and_line(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"
-    path.write_text(content)
-    with pytest.raises(ValueError) as info:
-        load_llava_json(path)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DatasetFileError) as info:
+        read_records(path)
     assert str(path) in str(info.value) and message in str(info.value)
 
 
 def test_missing_json_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.json"):
-        load_llava_json(tmp_path / "nothing.json")
+    with pytest.raises(DatasetFileError, match="dataset 'pretrain': .*nothing.json does not exist"):
+        read_records(tmp_path / "nothing.json", "pretrain")
 
 
 # ----- datasets -----
@@ -122,7 +132,7 @@ def test_samples_without_features_are_dropped_and_counted(built, feature_store):
     text_only = {"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}]}
     dataset = FeatureConversationDataset.from_records(records + [orphan, text_only], feature_store, template, max_length=512)
     assert len(dataset) == len(records) + 1 and dataset.stats["skipped_missing_features"] == 1
-    assert dataset.missing_features == [{"id": "orphan", "image": "not-featurized.png"}]
+    assert dataset.missing_features == [{"position": len(records), "id": "orphan", "image": "not-featurized.png"}]
     assert "image_features" not in dataset[len(dataset) - 1] and dataset.groups[-1] == -1
     assert list(dataset.groups[:7]) == [0] * 7 and list(dataset.groups[7:-1]) == [1] * 5
     with pytest.raises(KeyError, match="none of the"):

@@ -3,6 +3,7 @@ skipped and named; seeded subsets."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,12 +11,13 @@ import pytest
 from conftest import small_pipeline_dict, write_pipeline
 
 from llava_hpc.config import load_pipeline
-from llava_hpc.data.encoded import EncodedCache, EncodeSettings, NoUsableRecordsError, cache_spec
+from llava_hpc.data.encoded import EncodedCache, EncodeSettings, NoUsableRecordsError, cache_spec, file_fingerprint
+from llava_hpc.data.llava_json import read_records
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.model.builders import build_tiny_tokenizer
 from llava_hpc.rundir import RunDir
 from llava_hpc.stages import StageContext
-from llava_hpc.stages.common import load_records, subset_positions
+from llava_hpc.stages.common import load_positioned_records, subset_positions
 from llava_hpc.stages.training import build_cache, encoded_cache
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
 from llava_hpc.train.distributed import DistributedEnv
@@ -88,7 +90,8 @@ def test_built_once_then_reused_memory_mapped_with_bad_records_named(json_pipeli
     cache = encoded_cache(ctx, "stage1", template, SETTINGS)
     build_cache(ctx, "stage1", cache, template, SETTINGS, SINGLE)
     assert calls == [(0, 1)] and cache.is_complete()
-    assert cache.directory.parent == ctx.run.root / "cache" / "encoded" and cache.directory.name.startswith("pretrain-")
+    assert cache.directory.parent == ctx.run.root / "cache" / "encoded" / "stage1"
+    assert cache.directory.name.startswith("pretrain-")
     assert not cache.build_directory(1).exists()
 
     # A rerun (another rank, a requeue) finds it complete: nothing is encoded again.
@@ -120,6 +123,28 @@ def test_built_once_then_reused_memory_mapped_with_bad_records_named(json_pipeli
     assert samples.image(0) == records[0]["image"]
 
 
+def test_jsonl_with_a_broken_line_and_repeated_ids(tmp_path, template):
+    """LLaVA-665K repeats some ids: each record trains, named by position. A line that is not JSON is skipped and
+    named by its line; the records after it keep their file positions."""
+    records = WORLD.records("pretrain")[:6]
+    repeated = {**records[4], "id": records[1]["id"]}
+    lines = [json.dumps(r) for r in records[:3]] + ['{"id": "cut-off", "conversations": [{"from"'] + \
+        [json.dumps(records[3]), json.dumps(repeated)]
+    path = tmp_path / "mix.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = read_records(path)
+    subset = {"max_samples": None}
+    cache = EncodedCache(tmp_path / "cache", "mix", cache_spec(file_fingerprint(path), template, SETTINGS, subset))
+    cache.encode_part(loaded, np.arange(len(loaded)), template, SETTINGS, 0, 1, str(path))
+    cache.finalize(1, subset)
+    samples = cache.open()
+    assert samples.positions.tolist() == [0, 1, 2, 4, 5]
+    assert [samples.id(i) for i in range(5)].count(records[1]["id"]) == 2
+    (skip,) = cache.skipped()
+    assert skip["position"] == 3 and skip["file"] == str(path) and skip["field"] == "<record>"
+    assert "line 4 is not valid JSON" in skip["reason"]
+
+
 def test_key_follows_the_data_file_max_length_and_template(json_pipeline, template):
     path, records = json_pipeline
     ctx = context(path)
@@ -136,6 +161,27 @@ def test_key_follows_the_data_file_max_length_and_template(json_pipeline, templa
     ctx.pipeline.stages.stage1.max_samples = 10
     assert encoded_cache(ctx, "stage1", template, SETTINGS).key != encoded_cache(context(path), "stage1", template,
                                                                                  SETTINGS).key
+
+
+def test_a_new_key_replaces_the_stages_old_cache_only(json_pipeline, template):
+    path, records = json_pipeline
+    ctx = context(path)
+    old = encoded_cache(ctx, "stage1", template, SETTINGS)
+    build_cache(ctx, "stage1", old, template, SETTINGS, SINGLE)
+    other_stage = EncodedCache(ctx.run.root / "cache" / "encoded" / "stage2", "pretrain", old.spec)
+    other_stage.encode_part(records, np.arange(len(records)), template, SETTINGS, 0, 1)
+    other_stage.finalize(1, {})
+    unfinished = old.directory.with_name(f".pretrain-{'0' * 16}.build-w2")
+    unfinished.mkdir()
+    lookalike = old.directory.with_name(f"pretrain-big-{'1' * 16}")  # another dataset whose name extends this one
+    lookalike.mkdir()
+
+    load_pipeline(path).datasets["pretrain"].path.write_text(json.dumps(records[:-1]))  # the data file changes
+    new = encoded_cache(ctx, "stage1", template, SETTINGS)
+    build_cache(ctx, "stage1", new, template, SETTINGS, SINGLE)
+    assert new.key != old.key and new.is_complete()
+    assert not old.directory.exists() and not unfinished.exists()
+    assert lookalike.exists() and other_stage.is_complete()  # another dataset's, another stage's: kept
 
 
 def encode(root, records, template, world, ranks=None):
@@ -204,10 +250,11 @@ def test_seeded_subsets(json_pipeline, template):
     ctx = context(path)
     dataset = ctx.pipeline.datasets["pretrain"]
     dataset.max_samples = 20
-    chosen = load_records("pretrain", dataset, ctx.pipeline)
-    assert chosen == [records[p] for p in subset_positions(len(records), 20, 0)] and chosen != records[:20]
+    chosen, positions = load_positioned_records("pretrain", dataset, ctx.pipeline)
+    assert positions.tolist() == subset_positions(len(records), 20, 0).tolist()
+    assert chosen == [records[p] for p in positions] and chosen != records[:20]
     dataset.subset_seed = 3
-    assert load_records("pretrain", dataset, ctx.pipeline) != chosen
+    assert load_positioned_records("pretrain", dataset, ctx.pipeline)[0] != chosen
 
     # The stage's subset is drawn from the dataset's and recorded beside the cache.
     ctx.pipeline.stages.stage1.max_samples = 12
@@ -222,18 +269,68 @@ def test_seeded_subsets(json_pipeline, template):
 
 
 def test_training_skips_bad_records_and_trains_on_exactly_the_rest(json_pipeline, monkeypatch):
+    """3 malformed records, 1 over-long one and 1 whose image is not on disk, among 45: training runs on the other
+    40 and one file names all 5 (file, position, id, field, why), in file order; a rerun redoes nothing."""
     from llava_hpc.orchestrate import Orchestrator
 
     path, records = json_pipeline
     pipeline = load_pipeline(path)
+    no_file = {**records[0], "id": "no-file", "image": "pretrain/not-there.png"}
+    records.insert(30, no_file)
+    pipeline.datasets["pretrain"].path.write_text(json.dumps(records))
     calls = counting_encodes(monkeypatch)
     orchestrator = Orchestrator(pipeline, RunDir(pipeline.run_dir))
     outcomes = orchestrator.submit("features") + orchestrator.submit("stage1")
     assert all(o.action != "failed" for o in outcomes), [o.message for o in outcomes]
     summary = json.loads((pipeline.run_dir / "stage1" / "summary.json").read_text())
-    # 44 records: 3 malformed, 1 over-long; the features stage skips the bad image (7) itself.
-    assert summary["samples"] == 40 and summary["encoded_cache"]["counts"]["encoded"] == 40
-    assert {s["id"] for s in summary["encoded_cache"]["skipped_first"]} == {"no-token", "no-answer", "bad-image",
-                                                                            "overlong"}
-    assert summary["data"]["skipped_missing_features"] == 0 and calls == [(0, 1)]
+    assert summary["samples"] == 40 and summary["encoded_cache"]["counts"]["encoded"] == 41
+    assert summary["skipped"]["by_kind"] == {"bad_record": 3, "overlong": 1, "image": 1}
+    skipped = [json.loads(line) for line in (pipeline.run_dir / "stage1" / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["position"], s["id"], s["field"]) for s in skipped] == [
+        (5, "no-token", "conversations"), (10, "no-answer", "conversations"), (15, "bad-image", "image"),
+        (20, "overlong", "conversations"), (30, "no-file", "image")]
+    assert all(s["file"] == str(pipeline.datasets["pretrain"].path) for s in skipped)
+    assert "image file missing" in skipped[-1]["reason"] and "not-there.png" in skipped[-1]["reason"]
+    assert summary["data"]["skipped_missing_features"] == 1 and calls == [(0, 1)]
     assert os.path.isdir(summary["encoded_cache"]["path"])
+
+    again = orchestrator.submit("features") + orchestrator.submit("stage1")
+    assert [o.action for o in again] == ["skipped-done", "skipped-done"] and calls == [(0, 1)]
+
+
+POOL_IN_A_JOB = """
+import signal, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_encoded_cache import SETTINGS, WORLD, EncodedCache, cache_spec, ConversationTemplate, build_tiny_tokenizer
+# As in a submitit job: SIGTERM is answered by a Python handler that carries on; USR2 would requeue the job.
+signal.signal(signal.SIGTERM, lambda signum, frame: print("bypassing SIGTERM", file=sys.stderr))
+signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit("a worker took the job's USR2"))
+import llava_hpc.data.encoded as encoded
+encode_span = encoded._encode_span
+def checked_span(*args):
+    # In each worker: SIGTERM must end it (the pool's terminate), USR2 and Ctrl-C are the parent's.
+    got = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGINT))
+    if got != (signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN):
+        raise RuntimeError(f"worker signal handlers: {{got}}")
+    return encode_span(*args)
+encoded._encode_span = checked_span
+template = ConversationTemplate("plain", build_tiny_tokenizer(WORLD.vocabulary()))
+records = WORLD.records("pretrain") * 100
+cache = EncodedCache({root!r}, "data", cache_spec({{"test": 1}}, template, SETTINGS, {{}}))
+cache.encode_part(records, np.arange(len(records)), template, SETTINGS, 0, 1, "data.json", workers=2)
+print(cache.finalize(1, {{}})["counts"]["encoded"])
+"""
+
+
+def test_the_encoding_pool_ends_inside_a_job_that_bypasses_sigterm(tmp_path):
+    """A job's handlers are inherited by the pool's forked workers: with submitit's SIGTERM bypass the pool's
+    terminate could not end an idle worker (a 558K-record encode hung there, in a local-executor job), and a
+    worker would answer Slurm's USR2 by requeueing the job. Workers run with the default SIGTERM, USR2 ignored."""
+    import subprocess
+    import sys
+
+    script = POOL_IN_A_JOB.format(tests=str(Path(__file__).parent), root=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(len(WORLD.records("pretrain")) * 100)

@@ -102,6 +102,33 @@ def test_loss_over_labelled_positions_equals_the_full_logits_loss(built):
     assert abs(loss.item() - ForCausalLMLoss(logits, expanded, logits.shape[-1]).item()) < 1e-6
 
 
+def test_with_a_host_layout_splicing_and_loss_never_wait_for_the_device(built):
+    """On the meta device any data-dependent step (`.nonzero()`, `.item()`, boolean indexing: a host-device sync on
+    a GPU) raises. With the collator's host-computed layout, splicing the images in and picking the scored positions
+    run there; without one they cannot."""
+    import copy
+
+    model, _, template = built
+    input_ids, attention_mask, labels = training_batch(template, WORLD.records("instruct")[:3])
+    features = torch.randn(3, model.num_patches, model.vision_tower.hidden_size)
+    layout = model.image_layout(input_ids, attention_mask, labels, 3, "right", truncate=True)
+    with torch.no_grad():
+        embeds, mask, expanded = model.merge_image_embeddings(
+            input_ids, attention_mask, labels, model.get_image_features(image_features=features), "right", True)
+    assert torch.equal(layout.labels, expanded) and torch.equal(layout.attention_mask, mask)
+
+    on_meta = copy.deepcopy(model).to("meta")
+    meta = dict(input_ids=input_ids.to("meta"), attention_mask=attention_mask.to("meta"), labels=labels.to("meta"),
+                image_embeds=on_meta.get_image_features(image_features=features.to("meta")),
+                padding_side="right", truncate=True)
+    embeds_meta, _, _ = on_meta.merge_image_embeddings(**meta, layout=layout.to("meta"))
+    assert embeds_meta.shape == embeds.shape
+    loss = on_meta.labelled_loss(torch.zeros(*embeds.shape, device="meta"), layout.to("meta")).loss
+    assert loss.device.type == "meta" and loss.shape == ()
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the layout would have to come from device tensors
+        on_meta.merge_image_embeddings(**meta)
+
+
 def test_placeholder_expands_to_patches_with_masked_labels(built):
     model, _, template = built
     input_ids, attention_mask, labels = training_batch(template, WORLD.records("instruct")[:2])

@@ -384,7 +384,7 @@ def measure_train(ctx: Context, stage: str, path: str, engine_kind: str = "deeps
                              save_every_steps=10**9, keep_checkpoints=1, zero_stage=zero_stage)
     # Only the engine's public interface: loss(), backward(), step() (whichever of them steps the optimizer).
     engine = engine_cls(model, settings, total=10**6, warmup=0, precision=precision, device=device)
-    collate = Collator(shapes.pad_id, padding_side="right")
+    collate = Collator.for_training(model, shapes.pad_id)
     items = training_items(shapes, stage, path, batch, torch.Generator().manual_seed(0))
 
     def step() -> None:

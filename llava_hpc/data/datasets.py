@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset, Sampler
 from llava_hpc.data.features_io import FeatureStore
 from llava_hpc.data.encoded import EncodedSamples, EncodeSettings, encode_in_memory
 from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
+from llava_hpc.model.llava import ImageLayout
 
 ImageLoader = Callable[[str], Image.Image]
 Preprocess = Callable[[list[Image.Image]], torch.Tensor]
@@ -68,7 +70,8 @@ class FeatureConversationDataset(Dataset):
                 kept.append(row)
                 groups.append(store.shard_of(image))
             else:
-                self.missing_features.append({"id": samples.id(row), "image": image})
+                self.missing_features.append({"position": int(samples.positions[row]), "id": samples.id(row),
+                                              "image": image})
         with_images = sum(image is not None for image in images)
         if with_images and with_images == len(self.missing_features):
             example = self.missing_features[0]
@@ -191,6 +194,7 @@ class Batch:
     labels: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
+    layout: ImageLayout | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments for `LlavaForCausalLM.forward` / `.generate` (everything but the ids)."""
@@ -201,20 +205,28 @@ class Batch:
     def to(self, device: str | torch.device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
+            if isinstance(value, (torch.Tensor, ImageLayout)):
+                moved[name] = value.to(device, non_blocking=True) if name != "layout" else value.to(device)
         return Batch(**moved)
 
 
 class Collator:
     """Pads to the longest sample: `right` for training, `left` for generation (rows then end together).
 
-    Image tensors of the batch are concatenated in sample order, matching the placeholders' order."""
+    Image tensors of the batch are concatenated in sample order, matching the placeholders' order. With `layout`
+    (training: the model's `image_layout` with its padding side and truncation bound), the batch also carries where
+    its images go and which positions are scored, worked out here on the host so the forward pass never syncs."""
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right",
+                 layout: Callable[..., ImageLayout] | None = None):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+        self.pad_token_id, self.padding_side, self.layout = pad_token_id, padding_side, layout
+
+    @classmethod
+    def for_training(cls, model, pad_token_id: int) -> Collator:
+        """Right padding, and the model's expanded layout of every micro-batch computed here on the host."""
+        return cls(pad_token_id, "right", layout=partial(model.image_layout, padding_side="right", truncate=True))
 
     def __call__(self, items: list[dict]) -> Batch:
         length = max(len(item["input_ids"]) for item in items)
@@ -234,13 +246,19 @@ class Collator:
             tensors = [item[key] for item in items if key in item]
             return torch.cat(tensors) if tensors else None
 
+        pixel_values, image_features = images("pixel_values"), images("image_features")
+        layout = None
+        if self.layout is not None:
+            num_images = sum(len(t) for t in (pixel_values, image_features) if t is not None)
+            layout = self.layout(input_ids, attention_mask, labels, num_images)
         return Batch(
             ids=[item["id"] for item in items],
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels,
-            pixel_values=images("pixel_values"),
-            image_features=images("image_features"),
+            pixel_values=pixel_values,
+            image_features=image_features,
+            layout=layout,
         )
 
 

@@ -1,6 +1,6 @@
 """The encoded-records cache: each training dataset tokenized once per run, memory-mapped by every rank.
 
-Layout (RUN/cache/encoded/<dataset>-<key>/, complete when `_SUCCESS` exists):
+Layout (RUN/cache/encoded/<stage>/<dataset>-<key>/, complete when `_SUCCESS` exists):
     spec.json                      what the key hashes (data file, tokenizer, template, lengths, subset)
     part-00000-of-00002.arrow      Arrow IPC files, uncompressed (so they memory-map), in record order
     part-00000-of-00002.json       each part's counts and skipped records
@@ -19,16 +19,21 @@ Building: rank r of w encodes the contiguous slice r of w of the chosen records 
 (`.<name>.build-w<w>/`) with atomic part files, so a requeue with the same world size keeps the parts that were
 finished; rank 0 then checks every part, writes the report and `_SUCCESS`, and renames the build directory onto
 the final name. A build that died never has the final name; of two jobs racing, the first rename wins and the
-other discards its copy (the contents are identical).
+other discards its copy (the contents are identical). Once a cache is published, the same stage's caches of the
+same dataset under other keys (an edited data file, another max_length) are deleted: each is as large as the
+dataset's tokens and would never be read again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +52,8 @@ from llava_hpc.data.templates import (
     record_id_of,
 )
 from llava_hpc.rundir import SUCCESS, atomic_path, atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+log = logging.getLogger("llava_hpc.encoded")
 
 CACHE_VERSION = 1  # bump when the encoding or the layout changes: old caches then get new keys
 SCHEMA = pa.schema([
@@ -176,6 +183,16 @@ def _counts(records: int, encoded: int, truncated: int, skipped: list[dict]) -> 
 _POOL_STATE: dict = {}
 
 
+def _worker_signals() -> None:
+    """A forked worker inherits the job's Python signal handlers: submitit's, which ignore SIGTERM and requeue the
+    job on USR2. Then the pool's terminate (SIGTERM) could never end a worker (the pool would hang on exit), and
+    Slurm's USR2, sent to every process of the job, would have each worker requeue the job. Workers get the
+    defaults back: SIGTERM ends them; USR2 and Ctrl-C are the parent's to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool_encode(span: tuple[int, int]):
     state = _POOL_STATE
     start, stop = span
@@ -193,7 +210,7 @@ def part_name(rank: int, world: int) -> str:
 
 
 class EncodedCache:
-    """One dataset's encoded records under `root` (RUN/cache/encoded), named by `name` and the spec's key."""
+    """One dataset's encoded records under `root` (RUN/cache/encoded/<stage>), named by `name` and the spec's key."""
 
     def __init__(self, root: Path, name: str, spec: dict):
         self.spec, self.key = spec, spec_key(spec)
@@ -229,7 +246,7 @@ class EncodedCache:
             _POOL_STATE.update(template=template, records=mine, positions=my_positions, settings=settings,
                                source=source)
             try:
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
                     for span, (r, s, t) in zip(spans, pool.imap(_pool_encode, spans)):
                         rows += r
                         skipped += s
@@ -295,7 +312,20 @@ class EncodedCache:
             if not self.is_complete():
                 raise
             shutil.rmtree(build, ignore_errors=True)  # lost the race to an identical cache
+        self.prune_others()
         return self.report()
+
+    def prune_others(self) -> list[str]:
+        """Delete this root's caches (and unfinished builds) of the same dataset under any other key."""
+        name, key = self.directory.name.rsplit("-", 1)
+        others = re.compile(rf"^\.?{re.escape(name)}-(?!{key})[0-9a-f]{{{len(key)}}}(\.build-w\d+)?$")
+        removed = [str(path) for path in self.directory.parent.iterdir() if others.match(path.name)]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        if removed:
+            log.info("encoded cache %s published; removed %d stale one(s): %s", self.directory.name, len(removed),
+                     ", ".join(Path(p).name for p in removed))
+        return removed
 
     def report(self) -> dict:
         return json.loads((self.directory / "report.json").read_text())

@@ -1,51 +1,65 @@
-"""LLaVA conversation files: a JSON list of `{"id", "image", "conversations"}` records (or JSON Lines).
+"""LLaVA conversation files: a JSON list of `{"id", "image", "conversations"}` records, or JSON Lines (`.jsonl`).
 
-Errors name the file and the record (index and id); record contents are validated by the templates.
+`read_records` returns the items as the file holds them, in file order, so that a position is a record's place in
+the file. Only what makes the whole file unreadable fails here (`DatasetFileError`, naming the file and line); what a
+record holds is checked where it is used, where a bad one is skipped and named, never hiding the others. Ids are not
+required to be unique: LLaVA-665K's mix repeats some, and records are named by position and id together.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from llava_hpc.data.templates import RecordError, record_id_of
+
+class DatasetFileError(ValueError):
+    """A dataset file that cannot be read at all: fail fast."""
 
 
-def load_llava_json(path: str | os.PathLike) -> list[dict]:
+@dataclass(frozen=True)
+class UnparsedLine:
+    """A JSON Lines line that is not valid JSON, kept in its place (positions stay file positions) and reported as a
+    bad record by whoever validates records."""
+
+    line: int
+    problem: str
+
+    def describe(self) -> str:
+        return f"line {self.line} is not valid JSON: {self.problem}"
+
+
+def read_records(path: str | os.PathLike, name: str | None = None) -> list:
+    """The records of a `.json` (a list) or `.jsonl` (one object per non-blank line) conversation file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: conversation file does not exist")
-    if path.suffix == ".jsonl":
-        records = []
+    label = f"dataset {name!r}: " if name else ""
+    try:
+        if path.suffix == ".jsonl":
+            return _read_lines(path)
         with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if line.strip():
-                    records.append(_parse(line, path, f"line {line_number}"))
-    else:
-        records = _parse(path.read_text(encoding="utf-8"), path, "")
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
-    seen: dict[str, int] = {}
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise RecordError(
-                f"#{index}", "<record>", f"expected a JSON object, got {type(record).__name__}", str(path)
-            )
-        record_id = record_id_of(record, index)
-        if "id" not in record:
-            raise RecordError(record_id, "id", "missing (features and answers are joined by id)", str(path))
-        if record_id in seen:
-            raise RecordError(record_id, "id", f"duplicate of record #{seen[record_id]} (record #{index})", str(path))
-        seen[record_id] = index
-        if not isinstance(record.get("conversations"), list):
-            raise RecordError(record_id, "conversations", f"missing or not a list (record #{index})", str(path))
+            records = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DatasetFileError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetFileError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+    except FileNotFoundError:
+        raise DatasetFileError(f"{label}{path} does not exist") from None
+    except OSError as exc:
+        raise DatasetFileError(f"{label}cannot read {path}: {exc.strerror}") from None
+    if not isinstance(records, list):
+        raise DatasetFileError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
     return records
 
 
-def _parse(text: str, path: Path, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        place = where or f"line {exc.lineno} column {exc.colno}"
-        raise ValueError(f"{path}: invalid JSON at {place}: {exc.msg}") from None
+def _read_lines(path: Path) -> list:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                records.append(UnparsedLine(number, exc.msg))
+    return records

@@ -137,7 +137,8 @@ def normalize_record(
         raise RecordError(record_id, field_name, problem, source)
 
     if not isinstance(record, dict):
-        fail("<record>", f"expected a JSON object, got {type(record).__name__}")
+        describe = getattr(record, "describe", None)  # a JSON Lines line that did not parse (data.llava_json)
+        fail("<record>", describe() if describe else f"expected a JSON object, got {type(record).__name__}")
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         fail("conversations", "missing or empty (expected a list of {'from', 'value'} turns)")

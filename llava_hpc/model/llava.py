@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +85,78 @@ def load_projector(path: str | os.PathLike) -> LlavaMultiModalProjector:
     return projector.to(tensors["linear_1.weight"].dtype)
 
 
+@dataclass
+class ImageLayout:
+    """The expanded batch (each placeholder replaced by its image's N patches, re-padded, truncated) as indices.
+
+    `source[b, t]` indexes [text embeddings of the batch, flattened; image embeddings, flattened; one zero row for
+    padding]; `predicting` holds the flat positions (into [batch * length]) whose next token is labelled, and
+    `targets` those labels. Computed on the host from host tensors (`image_layout`), moved with the batch, it lets
+    the forward pass splice images and pick the loss positions with no host-device sync."""
+
+    source: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    predicting: torch.Tensor
+    targets: torch.Tensor
+    num_images: int
+
+    def to(self, device: str | torch.device) -> ImageLayout:
+        move = lambda t: t if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return ImageLayout(move(self.source), move(self.attention_mask), move(self.labels), move(self.predicting),
+                           move(self.targets), self.num_images)
+
+
+def image_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None, *,
+                 image_token_id: int, num_patches: int, num_images: int, max_length: int | None,
+                 padding_side: str) -> ImageLayout:
+    """The `ImageLayout` of a batch. Host tensors in, host tensors out (device tensors are copied first: a sync)."""
+    input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
+    labels = labels.cpu() if labels is not None else None
+    batch, width = input_ids.shape
+    first_image_row = batch * width
+    zero_row = first_image_row + num_images * num_patches
+    patch_offsets = torch.arange(num_patches)
+    sources, row_targets, used = [], [], 0
+    for row in range(batch):
+        real = attention_mask[row].nonzero().flatten()
+        flat, ids = row * width + real, input_ids[row, real]
+        row_labels = labels[row, real] if labels is not None else None
+        pieces, label_pieces, start = [], [], 0
+        for position in (ids == image_token_id).nonzero().flatten().tolist():
+            if used >= num_images:
+                raise ValueError(f"input_ids hold more image placeholders than the {num_images} images given")
+            pieces += [flat[start:position], first_image_row + used * num_patches + patch_offsets]
+            if row_labels is not None:
+                label_pieces += [row_labels[start:position], torch.full((num_patches,), IGNORE_INDEX)]
+            used, start = used + 1, position + 1
+        source = torch.cat(pieces + [flat[start:]])
+        target = torch.cat(label_pieces + [row_labels[start:]]) if row_labels is not None else None
+        if max_length is not None:
+            source = source[:max_length]
+            target = target[:max_length] if target is not None else None
+        sources.append(source)
+        row_targets.append(target)
+    if used != num_images:
+        raise ValueError(f"{num_images} images given but input_ids hold {used} image placeholders")
+
+    length = max(len(source) for source in sources)
+
+    def pad(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        missing = length - tensor.shape[0]
+        return F.pad(tensor, (missing, 0) if padding_side == "left" else (0, missing), value=value)
+
+    source = torch.stack([pad(s, zero_row) for s in sources])
+    mask = torch.stack([pad(torch.ones(len(s), dtype=torch.long), 0) for s in sources])
+    if labels is None:
+        empty = torch.zeros(0, dtype=torch.long)
+        return ImageLayout(source, mask, None, empty, empty, num_images)
+    new_labels = torch.stack([pad(t, IGNORE_INDEX) for t in row_targets])
+    next_labels = F.pad(new_labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    predicting = (next_labels != IGNORE_INDEX).nonzero().flatten()
+    return ImageLayout(source, mask, new_labels, predicting, next_labels[predicting], num_images)
+
+
 class LlavaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -121,6 +194,13 @@ class LlavaForCausalLM(nn.Module):
         weight = self.multi_modal_projector.linear_1.weight
         return self.multi_modal_projector(image_features.to(device=weight.device, dtype=weight.dtype))
 
+    def image_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                     num_images: int, padding_side: str, truncate: bool) -> ImageLayout:
+        """Where each position of the expanded batch comes from (see `ImageLayout`), computed on the host."""
+        return image_layout(input_ids, attention_mask, labels, image_token_id=self.image_token_id,
+                            num_patches=self.num_patches, num_images=num_images,
+                            max_length=self.max_length if truncate else None, padding_side=padding_side)
+
     def merge_image_embeddings(
         self,
         input_ids: torch.Tensor,
@@ -129,48 +209,25 @@ class LlavaForCausalLM(nn.Module):
         image_embeds: torch.Tensor | None,
         padding_side: str,
         truncate: bool,
+        layout: ImageLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Replace each placeholder by its image's N embeddings; re-pad to the longest sequence on `padding_side`."""
+        """Replace each placeholder by its image's N embeddings; re-pad to the longest sequence on `padding_side`.
+
+        One gather from [text embeddings; image embeddings; a zero row] by the layout's indices: with a layout
+        computed on the host (the training collator's), nothing here waits for the device."""
         text_embeds = self.language_model.get_input_embeddings()(input_ids)
-        num_images = 0 if image_embeds is None else image_embeds.shape[0]
-        sequences, targets, used = [], [], 0
-        for row in range(input_ids.shape[0]):
-            keep = attention_mask[row].bool()
-            ids, embeds = input_ids[row][keep], text_embeds[row][keep]
-            row_labels = labels[row][keep] if labels is not None else None
-            pieces, label_pieces, start = [], [], 0
-            for position in (ids == self.image_token_id).nonzero().flatten().tolist():
-                if used >= num_images:
-                    raise ValueError(f"input_ids hold more image placeholders than the {num_images} images given")
-                pieces += [embeds[start:position], image_embeds[used].to(embeds.dtype)]
-                if row_labels is not None:
-                    label_pieces += [
-                        row_labels[start:position],
-                        row_labels.new_full((image_embeds.shape[1],), IGNORE_INDEX),
-                    ]
-                used, start = used + 1, position + 1
-            pieces.append(embeds[start:])
-            sequence = torch.cat(pieces)
-            target = torch.cat(label_pieces + [row_labels[start:]]) if row_labels is not None else None
-            if truncate:
-                sequence = sequence[: self.max_length]
-                target = target[: self.max_length] if target is not None else None
-            sequences.append(sequence)
-            targets.append(target)
-        if used != num_images:
-            raise ValueError(f"{num_images} images given but input_ids hold {used} image placeholders")
-
-        length = max(len(sequence) for sequence in sequences)
-
-        def pad(tensor: torch.Tensor, value) -> torch.Tensor:
-            missing = length - tensor.shape[0]
-            before, after = (missing, 0) if padding_side == "left" else (0, missing)
-            return F.pad(tensor, (0, 0, before, after) if tensor.dim() == 2 else (before, after), value=value)
-
-        inputs_embeds = torch.stack([pad(sequence, 0.0) for sequence in sequences])
-        mask = torch.stack([pad(torch.ones(len(s), dtype=attention_mask.dtype, device=s.device), 0) for s in sequences])
-        new_labels = torch.stack([pad(target, IGNORE_INDEX) for target in targets]) if labels is not None else None
-        return inputs_embeds, mask, new_labels
+        hidden = text_embeds.shape[-1]
+        if image_embeds is None:
+            image_embeds = text_embeds.new_zeros(0, self.num_patches, hidden)
+        if layout is None:
+            layout = self.image_layout(input_ids, attention_mask, labels, image_embeds.shape[0], padding_side, truncate)
+        elif layout.num_images != image_embeds.shape[0]:
+            raise ValueError(f"{image_embeds.shape[0]} images given but input_ids hold {layout.num_images} image placeholders")
+        layout = layout.to(text_embeds.device)
+        table = torch.cat([text_embeds.reshape(-1, hidden), image_embeds.reshape(-1, hidden).to(text_embeds.dtype),
+                           text_embeds.new_zeros(1, hidden)])
+        inputs_embeds = table.index_select(0, layout.source.flatten()).view(*layout.source.shape, hidden)
+        return inputs_embeds, layout.attention_mask.to(attention_mask.dtype), layout.labels
 
     # ----- training and scoring -----
 
@@ -181,6 +238,7 @@ class LlavaForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        layout: ImageLayout | None = None,
         **language_model_kwargs,
     ):
         """Without `labels`: the language model's output (logits over the expanded sequence). With `labels`: an output
@@ -194,8 +252,10 @@ class LlavaForCausalLM(nn.Module):
             vision_hidden = self.multi_modal_projector.linear_1.in_features
             image_features = torch.zeros(0, self.num_patches, vision_hidden, device=input_ids.device)
         image_embeds = self.get_image_features(pixel_values, image_features)
+        if layout is None and labels is not None:
+            layout = self.image_layout(input_ids, attention_mask, labels, image_embeds.shape[0], "right", truncate=True)
         inputs_embeds, attention_mask, labels = self.merge_image_embeddings(
-            input_ids, attention_mask, labels, image_embeds, padding_side="right", truncate=True
+            input_ids, attention_mask, labels, image_embeds, padding_side="right", truncate=True, layout=layout
         )
         if image_embeds.shape[0] == 0:
             inputs_embeds = inputs_embeds + image_embeds.sum()  # exactly 0, with the projector in the graph
@@ -205,18 +265,23 @@ class LlavaForCausalLM(nn.Module):
                       use_cache=False, **language_model_kwargs)
         if labels is None:
             return self.language_model(**inputs)
-        return self.labelled_loss(self.language_model.get_decoder()(**inputs).last_hidden_state, labels)
+        # The sequences are right-padded: under the causal mask no real position sees a pad, and real positions
+        # are 0..n-1 anyway, so neither the padding mask nor position ids change anything that is scored. Without
+        # them transformers makes no host-device sync per micro-batch (`padding_mask.all()` to pick its attention
+        # path, a packed-sequence check on position ids).
+        inputs.update(attention_mask=None, position_ids=None)
+        hidden_states = self.language_model.get_decoder()(**inputs).last_hidden_state
+        return self.labelled_loss(hidden_states, layout.to(hidden_states.device))
 
-    def labelled_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor):
+    def labelled_loss(self, hidden_states: torch.Tensor, layout: ImageLayout):
         """transformers' causal-LM loss (position t predicts label t+1, mean over labels != -100), with the output
-        head applied to the predicting positions only. Calling the head module (not its weight) keeps DeepSpeed
-        ZeRO-3's gather hooks and tied embeddings working."""
+        head applied to the predicting positions only (from the layout: no device sync to find them). Calling the
+        head module (not its weight) keeps DeepSpeed ZeRO-3's gather hooks and tied embeddings working."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        predicting = targets != IGNORE_INDEX
-        logits = self.language_model.get_output_embeddings()(hidden_states[predicting])
-        return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets[predicting]), logits=None)
+        predicting = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, layout.predicting)
+        logits = self.language_model.get_output_embeddings()(predicting)
+        return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), layout.targets), logits=None)
 
     # ----- generation -----
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from llava_hpc.config import Dataset, Pipeline
+from llava_hpc.data.llava_json import UnparsedLine, read_records
 from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, missing_models
 from llava_hpc.model.vision import TinyVisionSpec, VisionTowerSpec
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
@@ -76,10 +76,6 @@ class BadRecord(Exception):
     """A record that is skipped and reported: the reason names the field or the file."""
 
 
-class DatasetFileError(ValueError):
-    """A dataset file that cannot be read at all: fail fast."""
-
-
 def subset_positions(total: int, max_samples: int | None, seed: int) -> np.ndarray:
     """A seeded random `max_samples` of `total` record positions, in file order (all of them when None or more):
     not the head of the file, which in LLaVA's JSONs is ordered by source and would skew a subset."""
@@ -96,24 +92,11 @@ def load_positioned_records(name: str, dataset: Dataset, pipeline: Pipeline) -> 
     if dataset.kind == "synthetic":
         records = synthetic_world(pipeline).records(dataset.split)
     else:
-        try:
-            with open(dataset.path) as f:
-                records = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise DatasetFileError(f"{dataset.path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-        except OSError as exc:
-            raise DatasetFileError(f"dataset {name!r}: cannot read {dataset.path}: {exc.strerror}") from None
-        if not isinstance(records, list):
-            raise DatasetFileError(f"{dataset.path}: expected a JSON list of records, got a {type(records).__name__}")
+        records = read_records(dataset.path, name)
     positions = subset_positions(len(records), dataset.max_samples, dataset.subset_seed)
     if len(positions) < len(records):
         records = [records[p] for p in positions]
     return records, positions
-
-
-def load_records(name: str, dataset: Dataset, pipeline: Pipeline) -> list:
-    """The dataset's records (its seeded subset when max_samples is set), in file order."""
-    return load_positioned_records(name, dataset, pipeline)[0]
 
 
 @dataclass(frozen=True)
@@ -124,6 +107,8 @@ class ImageRecord:
 
 def image_record(record, position: int) -> ImageRecord | None:
     """The (id, image) of a record; None for a text-only record; BadRecord for a malformed one."""
+    if isinstance(record, UnparsedLine):
+        raise BadRecord(f"record #{position}: {record.describe()}")
     if not isinstance(record, dict):
         raise BadRecord(f"record #{position} is a {type(record).__name__}, not an object")
     if "id" not in record:

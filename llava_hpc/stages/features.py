@@ -37,16 +37,16 @@ from PIL import Image
 
 from llava_hpc import faults
 from llava_hpc.data.features_io import file_sha256, shard_name, shard_paths, write_shard
+from llava_hpc.data.llava_json import DatasetFileError
 from llava_hpc.model.vision import build_vision_tower
 from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_jsonl
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import (
     BadRecord,
-    DatasetFileError,
     ImageLoader,
     compute_device,
     image_record,
-    load_records,
+    load_positioned_records,
     model_preflight,
     vision_spec,
 )
@@ -118,11 +118,12 @@ def shard_order_key(seed: int, image: str) -> str:
 
 def dataset_plan(ctx: StageContext, dataset: str) -> DatasetPlan:
     settings = ctx.pipeline.stages.features
-    records = load_records(dataset, ctx.pipeline.datasets[dataset], ctx.pipeline)
+    # Positions are places in the file (not in a max_samples subset): what a user opens the file at.
+    records, positions = load_positioned_records(dataset, ctx.pipeline.datasets[dataset], ctx.pipeline)
     references: dict[str, list[str]] = {}
     malformed: list[dict] = []
     text_only = image_records = 0
-    for position, record in enumerate(records):
+    for position, record in zip(positions.tolist(), records):
         try:
             item = image_record(record, position)
         except BadRecord as bad:

@@ -18,7 +18,7 @@ from llava_hpc.data.encoded import EncodedCache, EncodeSettings, cache_spec, fil
 from llava_hpc.data.features_io import FeatureStore
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.model.builders import build_llava
-from llava_hpc.rundir import atomic_write_json
+from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import llava_spec, load_positioned_records, model_preflight, subset_positions
 from llava_hpc.train import distributed
@@ -86,7 +86,9 @@ def encoded_cache(ctx: StageContext, stage: str, template: ConversationTemplate,
         source = file_fingerprint(dataset.path)
     subset = {"seed": dataset.subset_seed, "dataset_max_samples": dataset.max_samples,
               "stage_max_samples": config.max_samples}
-    return EncodedCache(ctx.run.root / "cache" / "encoded", config.dataset, cache_spec(source, template, settings, subset))
+    # Per stage: a new key (an edited file, another max_length) replaces that stage's old cache, never another's.
+    return EncodedCache(ctx.run.root / "cache" / "encoded" / stage, config.dataset,
+                        cache_spec(source, template, settings, subset))
 
 
 def build_cache(ctx: StageContext, stage: str, cache: EncodedCache, template: ConversationTemplate,
@@ -125,6 +127,37 @@ def build_cache(ctx: StageContext, stage: str, cache: EncodedCache, template: Co
             if env.world_size == 1:
                 raise
     _raise_failures(stage, distributed.gather_failures(failure))
+
+
+def skipped_records(cache: EncodedCache, dataset: FeatureConversationDataset, features_dir) -> list[dict]:
+    """Every record of the stage's data that does not train, in file order, each naming the file, its position and
+    id, the field and why: malformed and over-long ones (from encoding) and those whose image has no features (the
+    reason the features stage gave: a missing or corrupt file)."""
+    skipped = list(cache.skipped())
+    if dataset.missing_features:
+        source = cache.spec["source"].get("path")
+        why = {}
+        bad_file = features_dir / "bad_records.jsonl"
+        if bad_file.exists():
+            why = {row["image"]: row["reason"] for row in read_jsonl(bad_file) if row.get("image")}
+        skipped += [{"file": source, "position": m["position"], "id": m["id"], "kind": "image", "field": "image",
+                     "reason": why.get(m["image"], f"no features for image {m['image']!r}")}
+                    for m in dataset.missing_features]
+    return sorted(skipped, key=lambda row: row["position"])
+
+
+def _count_kinds(skipped: list[dict]) -> dict:
+    counts: dict[str, int] = {}
+    for row in skipped:
+        counts[row["kind"]] = counts.get(row["kind"], 0) + 1
+    return counts
+
+
+def _skipped_line(skipped: list[dict], path) -> str:
+    if not skipped:
+        return "no record skipped"
+    kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in _count_kinds(skipped).items())
+    return f"{len(skipped)} skipped ({kinds}), each named in {path}"
 
 
 def _raise_failures(stage: str, failures: list[tuple[int, str]]) -> None:
@@ -170,7 +203,13 @@ def run_training(
     if dataset.missing_features:
         log.warning("%s: %d samples dropped, their images have no features (e.g. %s)", stage,
                     len(dataset.missing_features), dataset.missing_features[0])
-    collate = Collator(tokenizer.pad_token_id, padding_side="right")
+    collate = Collator.for_training(model, tokenizer.pad_token_id)
+
+    skipped = skipped_records(cache, dataset, ctx.run.stage_dir("features") / config.dataset)
+    if env.is_main:
+        atomic_write_jsonl(out_dir / "skipped.jsonl", skipped)
+        log.info("%s: training on %d of %d records; %s", stage, len(dataset), cache_report["counts"]["records"],
+                 _skipped_line(skipped, out_dir / "skipped.jsonl"))
 
     result: TrainResult = train(model, dataset, collate, settings, out_dir, env, device, stage)
     summary = finish(ctx, result, model, tokenizer, env)
@@ -180,10 +219,9 @@ def run_training(
             stage=stage, steps=result.steps, resumed_from_step=result.resumed_from, final_loss=result.final_loss,
             seconds=round(result.seconds, 1), world_size=env.world_size, template=template_name,
             samples=len(dataset), data=dataset.stats,
-            encoded_cache={"key": cache.key, "path": str(cache.directory), "counts": cache_report["counts"],
-                           "skipped_file": str(cache.directory / "skipped.jsonl"),
-                           "skipped_first": cache.skipped()[:20],
-                           "missing_features_first": dataset.missing_features[:20]},
+            skipped={"records": len(skipped), "by_kind": _count_kinds(skipped), "file": str(out_dir / "skipped.jsonl"),
+                     "first": skipped[:20]},
+            encoded_cache={"key": cache.key, "path": str(cache.directory), "counts": cache_report["counts"]},
             # How the features were read by this rank: about one decode per shard per epoch when shard-local.
             feature_shards={"shards": len(store.paths), "window": config.shuffle_window_shards,
                             "decodes": store.shard_loads},
