@@ -7,16 +7,21 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from llava_hpc.config import PIPELINE_ENV, Pipeline, PipelineError, find_pipeline, load_pipeline, with_resource_overrides
+from llava_hpc import PIPELINE_ENV
 from llava_hpc.rundir import AlreadyLockedError, RunDir, make_private
 from llava_hpc.stages import ORDER, STAGES, StageNotBuiltError
+
+# Each command imports what it needs when it runs: `--help` loads no pydantic model, `status` no torch, transformers,
+# openai or pyarrow (benchmarks/bench_cli.py measures it).
+if TYPE_CHECKING:
+    from llava_hpc.config import Pipeline
 
 app = typer.Typer(
     name="llava-hpc",
@@ -59,6 +64,8 @@ def _load(pipeline_opt: Path | None, run_dir_opt: Path | None,
     """The pipeline and run directory a command works on. With only --run-dir, the run's own resolved copy
     of the pipeline is used, so `status`/`logs`/`cancel` work from anywhere. With `warnings` (a dry run), missing
     files and unset variables are collected there instead of failing."""
+    from llava_hpc.config import PipelineError, find_pipeline, load_pipeline
+
     check = warnings is None
     try:
         if pipeline_opt is None and run_dir_opt is not None and not os.environ.get(PIPELINE_ENV) \
@@ -84,6 +91,8 @@ def _orchestrator(pipeline: Pipeline, run: RunDir, executor: str | None):
 
 
 def _apply_overrides(pipeline: Pipeline, stages: list[str], **overrides) -> Pipeline:
+    from llava_hpc.config import PipelineError, with_resource_overrides
+
     try:
         return with_resource_overrides(pipeline, stages, **overrides)
     except PipelineError as exc:
@@ -100,7 +109,8 @@ def _stages_for(stage: str) -> list[str]:
 
 
 def _print_outcome(outcome) -> None:
-    colour = {"submitted": "green", "failed": "red", "dry-run": "cyan", "login-side": "magenta"}.get(outcome.action, "yellow")
+    colour = {"submitted": "green", "failed": "red", "dry-run": "cyan", "login-side": "magenta",
+              "not-applicable": "dim"}.get(outcome.action, "yellow")
     console.print(f"[bold]{outcome.stage:9}[/] [{colour}]{outcome.action}[/] {outcome.message}", highlight=False)
     if outcome.script:
         console.print(outcome.script, markup=False, highlight=False)
@@ -113,6 +123,7 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
     stages = _stages_for(stage)
     pipeline = _apply_overrides(pipeline, stages, **overrides)
     orchestrator = _orchestrator(pipeline, run, executor)
+    from llava_hpc.config import PipelineError
     from llava_hpc.orchestrate import PreflightError
     from llava_hpc.scheduler import SchedulerError
 
@@ -179,14 +190,14 @@ def run(
     pipeline_obj, run_obj, orchestrator, outcomes = _submit("all", pipeline, run_dir, executor, force, False, None,
                                                             overrides)
     # What is left to the login side (a judge compute nodes cannot reach) is not waited for here.
-    stages = [o.stage for o in outcomes if o.action != "login-side"]
+    stages = [o.stage for o in outcomes if o.action not in ("login-side", "not-applicable")]
     if orchestrator.executor == "slurm":
         with Live(console=console, refresh_per_second=1) as live:
             rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
     else:
         rows = [r for r in orchestrator.status() if r.stage in stages]
         console.print(_status_table(rows, run_obj))
-    failed = [r for r in rows if r.state not in ("done", "login-side")]
+    failed = [r for r in rows if r.state not in ("done", "login-side", "n/a")]
     console.print(f"finished in {time.time() - started:.0f} s; run directory: {run_obj.root}")
     if failed:
         _fail(", ".join(f"{r.stage} {r.state}" for r in failed), code=1)
@@ -201,7 +212,7 @@ def _elapsed(seconds: int) -> str:
 
 
 STATE_STYLE = {"done": "green", "running": "cyan", "pending": "yellow", "requeued": "magenta", "failed": "bold red",
-               "cancelled": "red", "not submitted": "dim", "submitted": "yellow", "login-side": "magenta"}
+               "cancelled": "red", "not submitted": "dim", "submitted": "yellow", "login-side": "magenta", "n/a": "dim"}
 
 
 def _status_table(rows, run: RunDir) -> Table:
@@ -317,11 +328,51 @@ def validate(
     check_files: Annotated[bool, typer.Option(help="check that dataset and bench files exist")] = True,
 ):
     """Check a pipeline file and print it resolved (absolute paths, defaults filled in)."""
+    from llava_hpc.config import PipelineError, find_pipeline, load_pipeline
+
     try:
         resolved = load_pipeline(find_pipeline(pipeline), check_files=check_files)
     except PipelineError as exc:
         _fail(str(exc))
     console.print(resolved.to_toml(), markup=False, highlight=False)
+
+
+@app.command()
+def doctor(
+    pipeline: PipelineOpt = None,
+    run_dir: RunDirOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    online: Annotated[bool, typer.Option("--online", help="send the judge one request of max_tokens=1")] = False,
+    probe: Annotated[bool, typer.Option("--probe", help="submit a 1-minute job: bf16, run-dir writes and an "
+                                                        "all-reduce on the training stage's nodes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+):
+    """Check, before the first submit, what jobs would trip over: Slurm, account/QOS, partitions and GPUs, the run
+    directory (shared, writable, room for the features), models offline, data files, the judge's key. Exit 1 on any
+    error. See docs/doctor.md."""
+    from rich.markup import escape
+
+    from llava_hpc import doctor as checks
+
+    warnings: list[str] = []
+    pipeline_obj, _ = _load(pipeline, run_dir, warnings)
+    # The account and QOS a submit would be given on its command line (sites often leave them out of the file).
+    pipeline_obj = _apply_overrides(pipeline_obj, list(ORDER), account=account, qos=qos)
+    results = checks.run_checks(pipeline_obj, online=online, probe=probe, pipeline_warnings=warnings,
+                                say=lambda text: err_console.print(f"[dim]{escape(text)}[/]", highlight=False))
+    if as_json:
+        print(json.dumps(checks.as_dicts(results), indent=1))
+    else:
+        table = Table(title=f"llava-hpc doctor  {pipeline_obj.name}", title_justify="left")
+        for column in ("check", "status", "detail", "fix"):
+            table.add_column(column, overflow="fold")
+        style = {"ok": "green", "warning": "yellow", "error": "bold red", "skipped": "dim"}
+        for r in results:
+            table.add_row(escape(r.name), f"[{style[r.status]}]{r.status}[/]", escape(r.detail), escape(r.fix))
+        console.print(table)
+    if checks.has_errors(results):
+        raise typer.Exit(1)
 
 
 @app.command()

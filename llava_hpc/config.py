@@ -27,8 +27,9 @@ from pydantic import (
 )
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
+from llava_hpc import PIPELINE_ENV
+
 DEFAULT_PIPELINE = "pipeline.toml"
-PIPELINE_ENV = "LLAVA_HPC_PIPELINE"
 
 
 class PipelineError(ValueError):
@@ -409,6 +410,9 @@ class ClusterConfig(Strict):
 
     internet_partitions: list[SlurmName] = Field(
         default_factory=list, description="partitions whose nodes reach the internet (most sites: none)")
+    gpu_types: dict[SlurmName, SlurmName] = Field(
+        default_factory=dict, description="partition -> the GPU GRES type its nodes report (sinfo -p P -o %G, e.g. "
+                                          "'a40'); optional: `llava-hpc doctor` checks it")
 
 
 # ---------------------------------------------------------------------------------------------- pipeline

@@ -49,7 +49,7 @@ def resolve_stages(requested: str) -> list[str]:
 @dataclass
 class StageOutcome:
     stage: str
-    action: str  # submitted | skipped-done | skipped-active | login-side | dry-run | failed
+    action: str  # submitted | skipped-done | skipped-active | not-applicable | login-side | dry-run | failed
     message: str
     submission: Submission | None = None
     script: str | None = None
@@ -58,7 +58,7 @@ class StageOutcome:
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # not submitted | submitted | pending | running | requeued | done | failed | cancelled | login-side
+    state: str  # not submitted | submitted | pending | running | requeued | done | failed | cancelled | login-side | n/a
     job_ids: list[str] = field(default_factory=list)
     tasks_done: int = 0
     tasks_total: int = 0
@@ -148,6 +148,10 @@ class Orchestrator:
         for stage in ORDER:
             if STAGES[stage].module is None and latest[stage] is None:
                 continue
+            reason = self._not_applicable(stage)
+            if reason and latest[stage] is None:
+                rows.append(StageStatus(stage, "n/a", reason=reason))
+                continue
             done = self._is_done(stage)
             row = summarize(stage, latest[stage], states, done)
             if STAGES[stage].module is not None:
@@ -166,6 +170,14 @@ class Orchestrator:
         reason = hook(self.ctx) if hook is not None else None
         if reason:
             row.state, row.reason = "login-side", reason
+
+    def _not_applicable(self, stage: str) -> str | None:
+        """Why a stage has nothing to do in this pipeline at all (e.g. no judged bench), else None."""
+        try:
+            hook = getattr(stage_module(stage), "not_applicable", None)
+        except StageNotBuiltError:
+            return None
+        return hook(self.ctx) if hook is not None else None
 
     def _is_done(self, stage: str) -> bool:
         try:
@@ -280,6 +292,8 @@ class Orchestrator:
         module = stage_module(stage)
         if getattr(self.pipeline.stages, stage, None) is None:
             return StageOutcome(stage, "failed", f"the pipeline has no [stages.{stage}] table")
+        if (reason := self._not_applicable(stage)) is not None:
+            return StageOutcome(stage, "not-applicable", reason)
         if module.is_done(self.ctx) and not force:
             return StageOutcome(stage, "skipped-done", "already done (_SUCCESS exists); --force to redo")
         if stage in active and not force:

@@ -28,6 +28,7 @@ from submitit.helpers import Checkpointable
 from llava_hpc import checkpoint_signal
 from llava_hpc.config import Resources
 from llava_hpc.rundir import RunDir, Submission
+from llava_hpc.secrets import is_secret
 from llava_hpc.stages import Task
 from llava_hpc.stages.runner import run_task
 
@@ -114,9 +115,6 @@ class _SlurmExecutor(submitit.SlurmExecutor):
         return 2
 
 
-# Environment variables that must not reach sbatch: Slurm stores a job's environment with the job (controller state,
-# and `sacct --env-vars` where AccountingStoreFlags=job_env), where admins and tools can read it.
-_SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
 # Compute nodes usually have no internet: models come from the shared HF cache, never from the hub.
 OFFLINE_SETUP = "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1"
 
@@ -124,7 +122,7 @@ OFFLINE_SETUP = "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFL
 @contextmanager
 def _without_secrets():
     """sbatch exports the submitting environment to the job (and Slurm keeps it): hide secrets while it runs."""
-    hidden = {name: os.environ.pop(name) for name in list(os.environ) if _SECRET_NAME.search(name)}
+    hidden = {name: os.environ.pop(name) for name in list(os.environ) if is_secret(name)}
     try:
         yield
     finally:
@@ -425,7 +423,12 @@ class Scheduler:
             entry.state = "RUNNING"
         else:
             entry.state = "UNKNOWN"
-        entry.elapsed_s = int(time.time() - submission.submitted_at) if entry.state == "RUNNING" else 0
+        # No accounting: a task runs from its submission (no queue here) until its result file is written.
+        if entry.state == "RUNNING":
+            entry.elapsed_s = int(time.time() - submission.submitted_at)
+        elif entry.state in ("COMPLETED", "FAILED"):
+            entry.elapsed_s = max(0, int(paths.result_pickle.stat().st_mtime - submission.submitted_at))
+        entry.gpu_seconds = submission.gpus_per_task * entry.elapsed_s
         if entry.state == "FAILED":
             entry.log_err = str(paths.stderr)
         return entry

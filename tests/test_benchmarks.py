@@ -203,3 +203,14 @@ def test_bench_bad_input_scale_names_exactly_the_bad_records_and_redoes_nothing(
     assert rows["bad_records_named_exactly"]["detail"]["by_kind"] == {"bad_record": 3, "image": 3, "overlong": 1}
     assert rows["samples_trained_on"]["value"] == 3000 - 7
     assert rows["rerun_seconds"]["detail"]["files_rewritten"] == 0
+
+
+def test_bench_cli_quick_measures_help_and_status_against_a_bare_start():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cli.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["metric"]: row for row in map(json.loads, done.stdout.splitlines())}
+    assert set(rows) == {"python_start_s", "help_s", "status_s"}
+    for name in ("help_s", "status_s"):
+        assert rows[name]["value"] > rows["python_start_s"]["value"] > 0
+        assert rows[name]["detail"]["heavy_imports"] == []

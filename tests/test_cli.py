@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -82,6 +83,9 @@ def test_run_on_debug_executor_and_status(small_pipeline):
     status = invoke("status", "-p", str(small_pipeline), "--json")
     rows = {row["stage"]: row for row in json.loads(status.output)}
     assert rows["features"]["state"] == "done"
+    # Nothing is judged in this pipeline: the run says so, and status never calls it done.
+    assert re.search(r"judge\s+not-applicable no judged bench in this pipeline", result.output), result.output
+    assert rows["judge"]["state"] == "n/a" and rows["judge"]["reason"].startswith("no judged bench")
     assert rows["features"]["progress"] == "pretrain: 4/4 shards; instruct: 3/3 shards"
     # the run keeps a resolved, secret-free copy of the pipeline and a record of the submission
     run_dir = small_pipeline.parent / "run"
@@ -192,3 +196,21 @@ def test_cancel_stops_a_local_job(tmp_path):
         time.sleep(0.5)
     submit.wait(30)
     assert not (tmp_path / "run" / "features" / "pretrain" / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "-p", "PIPELINE"], ["status", "-p", "PIPELINE", "--json"]])
+def test_help_and_status_load_no_heavy_library(small_pipeline, args):
+    """`--help` and `status` are what a person runs most: they import none of the ML stack (measured in
+    benchmarks/bench_cli.py)."""
+    import subprocess
+    import sys
+
+    args = [str(small_pipeline) if a == "PIPELINE" else a for a in args]
+    heavy = ("torch", "transformers", "deepspeed", "openai", "matplotlib", "pyarrow", "datasets")
+    probe = ("import atexit, sys\n"
+             f"atexit.register(lambda: print('HEAVY=' + ','.join(m for m in {heavy!r} if m in sys.modules)))\n"
+             f"sys.argv = ['llava-hpc', *{args!r}]\n"
+             "from llava_hpc.cli import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY=", done.stdout[-500:]

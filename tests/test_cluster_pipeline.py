@@ -108,7 +108,7 @@ def two_nodes(tmp_path_factory) -> ClusterRun:
     run = ClusterRun(tmp_path_factory.mktemp("two-nodes"))
     try:
         outcomes = run.submit()
-        assert [o.action for o in outcomes] == ["submitted"] * 4 + ["skipped-done", "submitted"], outcomes
+        assert [o.action for o in outcomes] == ["submitted"] * 4 + ["not-applicable", "submitted"], outcomes
         run.wait_done(["features", "stage1", "stage2", "generate", "report"])
     finally:
         run.cancel()

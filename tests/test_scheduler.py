@@ -212,3 +212,24 @@ def test_the_reason_of_a_multi_rank_failure_is_its_exception_not_srun_epilogue(t
     state = TaskState("9", "FAILED", exit_code="1:0", log_err=str(log))
     row = summarize("stage2", submission(["9"], tmp_path), {"9": state}, done=False)
     assert row.reason.endswith("CorruptShardError: part-00001.parquet: checksum mismatch"), row.reason
+
+
+def test_local_tasks_have_elapsed_time_and_gpu_hours_once_finished(tmp_path):
+    """No accounting on the local executor: a finished task ran from its submission until its result file."""
+    import pickle
+
+    import submitit
+
+    run = RunDir(tmp_path)
+    logs = run.log_dir("stage1")
+    logs.mkdir(parents=True)
+    submitted = time.time() - 100
+    sub = Submission("stage1", "local", ["4242"], 1, submitted, str(logs), gpus_per_task=2)
+    paths = submitit.core.utils.JobPaths(logs, job_id="4242", task_id=0)
+    with open(paths.result_pickle, "wb") as f:
+        pickle.dump(("success", None), f)
+    os.utime(paths.result_pickle, (submitted + 75, submitted + 75))
+    state = Scheduler(run, "local").query([sub])["4242"]
+    assert state.state == "COMPLETED" and state.elapsed_s == 75 and state.gpu_seconds == 150
+    row = summarize("stage1", sub, {"4242": state}, done=True)
+    assert row.state == "done" and row.elapsed_s == 75 and abs(row.gpu_hours - 150 / 3600) < 1e-9

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from llava_hpc.data.features_io import file_sha256
+from llava_hpc.data.shard_layout import file_sha256
 from llava_hpc.data.templates import (
     ConversationTemplate,
     RecordError,

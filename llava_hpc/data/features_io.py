@@ -11,7 +11,6 @@ into place, so a visible shard always has its row count, checksum and bad images
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llava_hpc.data.shard_layout import file_sha256, shard_name, shard_number, shard_paths  # noqa: F401 (re-exported)
 from llava_hpc.rundir import SUCCESS, append_jsonl, atomic_path, atomic_write_json
 
 log = logging.getLogger("llava_hpc.features")
@@ -43,26 +43,6 @@ class Shard(NamedTuple):
     images: list[str]
     content_hashes: list[str | None]
     features: np.ndarray
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
-def shard_number(path: Path) -> int:
-    """The index in a shard's file name (`part-00007.parquet` -> 7): stable when another shard is missing."""
-    try:
-        return int(Path(path).stem.removeprefix("part-"))
-    except ValueError:
-        raise ValueError(f"{path}: not a feature shard name (expected part-NNNNN.parquet)") from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def features_table(images: Sequence[str], features: np.ndarray, content_hashes: Sequence[str | None] | None = None) -> pa.Table:
@@ -206,10 +186,6 @@ def quarantine_shard(path: Path, reason: str) -> Path | None:
     append_jsonl(directory / QUARANTINE / "quarantined.jsonl",
                  {"shard": path.name, "moved_to": destination.name, "reason": reason, "time": time.time()})
     return destination
-
-
-def shard_paths(directory: Path) -> list[Path]:
-    return sorted(Path(directory).glob("part-*.parquet"))
 
 
 class FeatureStore:

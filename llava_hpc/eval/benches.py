@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from llava_hpc.rundir import read_jsonl_objects
 from llava_hpc.config import Bench, Pipeline
 from llava_hpc.stages.common import BadRecord, open_image, synthetic_world
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 COCO_PREFIX = "COCO_val2014_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -28,10 +28,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import openai
+from typing import TYPE_CHECKING
 
 from llava_hpc.rundir import atomic_write_json
+
+if TYPE_CHECKING:  # imported where a request is made: `status` and `--help` never pay for the client
+    import openai
 
 log = logging.getLogger("llava_hpc.judge")
 
@@ -159,6 +161,8 @@ def api_key_from_env(variable: str, base_url: str | None, where: str, fallback: 
 
 
 def make_client(base_url: str | None, api_key: str, max_retries: int, timeout_s: float) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout_s)
 
 
@@ -176,6 +180,8 @@ def _describe_error(exc: Exception) -> str:
 
 def _is_fatal(exc: Exception) -> bool:
     """Errors that every other request would hit too: stop sending instead of failing them one by one."""
+    import openai
+
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
         return True
     return isinstance(exc, openai.RateLimitError) and getattr(exc, "code", None) == "insufficient_quota"
@@ -199,6 +205,8 @@ class SyncTransport:
         return ChatReply.from_completion(completion.model_dump(), self.name)
 
     def complete(self, requests: list[ChatRequest], on_reply: OnReply) -> list[RequestFailure]:
+        import openai
+
         failures: list[RequestFailure] = []
         fatal: str | None = None
         if not requests:

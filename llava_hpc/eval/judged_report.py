@@ -21,8 +21,6 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from llava_hpc.rundir import atomic_write_bytes, atomic_write_text
 
 ALL = "all"
@@ -33,6 +31,8 @@ REFERENCE_FAILURE = (-1.0, -1.0)
 
 
 def _printed_means(tuples: list) -> tuple[float | None, float, float]:
+    import numpy as np
+
     """summarize_gpt_review's arithmetic: (relative score, reference mean x10, candidate mean x10)."""
     reference_mean, candidate_mean = (round(x, 3) for x in np.asarray(tuples, dtype=float).mean(0).tolist())
     # A reference mean of 0 cannot happen with the 1-10 scale, but a judge can write "0 0".
@@ -41,6 +41,8 @@ def _printed_means(tuples: list) -> tuple[float | None, float, float]:
 
 
 def _category_scores(reviews: list[dict]) -> dict:
+    import numpy as np
+
     tuples = [review["tuple"] for review in reviews if review["tuple"] is not None]
     row = {"n": len(tuples), "parse_failures": len(reviews) - len(tuples), "relative_score": None,
            "reference_mean": None, "candidate_mean": None, "relative_score_reference_style": None,
@@ -156,6 +158,7 @@ def markdown(summary: dict) -> str:
 
 def box_plot(summary: dict) -> bytes:
     """PNG bytes: per-question relative scores per category (and "all"), baseline boxes beside them if present."""
+    import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in a library
 
     categories = _ordered(summary["scores"])

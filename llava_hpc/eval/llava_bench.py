@@ -28,10 +28,12 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from llava_hpc.rundir import read_jsonl_objects
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 WILD_CATEGORY_PREFIX = "llava_bench_"

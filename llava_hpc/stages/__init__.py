@@ -25,9 +25,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from llava_hpc.config import Pipeline
 from llava_hpc.rundir import RunDir
+
+if TYPE_CHECKING:
+    from llava_hpc.config import Pipeline
 
 
 @dataclass(frozen=True)

@@ -5,21 +5,28 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from llava_hpc.config import Dataset, Pipeline
 from llava_hpc.data.llava_json import UnparsedLine, read_records
-from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, missing_models
-from llava_hpc.model.vision import TinyVisionSpec, VisionTowerSpec
-from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
+# numpy, PIL, the synthetic world and the model modules (torch) are imported by the functions that use them:
+# planning and `llava-hpc status` import this module too.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from llava_hpc.synthetic import SyntheticWorld
+
+    from llava_hpc.model.builders import LlavaSpec
+    from llava_hpc.model.vision import VisionTowerSpec
 
 log = logging.getLogger("llava_hpc")
 
 
 def vision_spec(pipeline: Pipeline) -> VisionTowerSpec:
+    from llava_hpc.model.vision import TinyVisionSpec, VisionTowerSpec
+
     model = pipeline.model
     return VisionTowerSpec(
         name=model.vision_tower,
@@ -30,6 +37,8 @@ def vision_spec(pipeline: Pipeline) -> VisionTowerSpec:
 
 
 def llava_spec(pipeline: Pipeline) -> LlavaSpec:
+    from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec
+
     model = pipeline.model
     tiny = model.tiny_llm
     # The tiny LLM's word-level tokenizer knows the synthetic world's words: the demo's whole language.
@@ -46,10 +55,14 @@ def llava_spec(pipeline: Pipeline) -> LlavaSpec:
 
 def model_preflight(pipeline: Pipeline) -> list[str]:
     """The vision tower and the LLM (with its tokenizer) must load offline: jobs run with HF_HUB_OFFLINE=1."""
+    from llava_hpc.model.builders import missing_models
+
     return missing_models([pipeline.model.vision_tower, pipeline.model.llm])
 
 
 def synthetic_world(pipeline: Pipeline) -> SyntheticWorld:
+    from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
+
     s = pipeline.synthetic
     return SyntheticWorld(
         SyntheticSpec(
@@ -67,6 +80,8 @@ def synthetic_world(pipeline: Pipeline) -> SyntheticWorld:
 
 
 def compute_device() -> tuple[torch.device, torch.dtype]:
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
     return torch.device("cpu"), torch.float32
@@ -79,6 +94,8 @@ class BadRecord(Exception):
 def subset_positions(total: int, max_samples: int | None, seed: int) -> np.ndarray:
     """A seeded random `max_samples` of `total` record positions, in file order (all of them when None or more):
     not the head of the file, which in LLaVA's JSONs is ordered by source and would skew a subset."""
+    import numpy as np
+
     if max_samples is None or max_samples >= total:
         return np.arange(total, dtype=np.int64)
     chosen = np.random.default_rng(seed).choice(total, size=max_samples, replace=False)
@@ -147,6 +164,8 @@ def open_image(root: Path, candidates: list[str]) -> Image.Image:
     """The first candidate name that exists under `root`, decoded as RGB. A name that resolves outside `root`
     (`..`, an absolute path, a symlink out) or a file that does not decode is a BadRecord; none existing is
     FileNotFoundError naming every path tried."""
+    from PIL import Image, UnidentifiedImageError
+
     root = Path(root).resolve()
     tried = []
     for relative in candidates:
@@ -178,6 +197,8 @@ def load_trained_model(ctx, which: str, device: torch.device | str = "cpu"):
 
     stage2: the exported transformers-format model. stage1: the base LLM with the stage-1 projector (what
     `llava-hpc export` writes after stage 1 alone)."""
+    import torch
+
     from llava_hpc.data.templates import ConversationTemplate
     from llava_hpc.model.builders import build_llava
     from llava_hpc.model.export import load_exported

@@ -28,17 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from llava_hpc import faults
-from llava_hpc.data.features_io import file_sha256, shard_name, shard_paths, write_shard
+from llava_hpc.data.shard_layout import file_sha256, shard_name, shard_paths
 from llava_hpc.data.llava_json import DatasetFileError
-from llava_hpc.model.vision import build_vision_tower
 from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_jsonl
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import (
@@ -50,6 +44,9 @@ from llava_hpc.stages.common import (
     model_preflight,
     vision_spec,
 )
+
+if TYPE_CHECKING:  # numpy, PIL, pyarrow and torch are imported where shards are made: status stays light
+    from PIL import Image
 
 log = logging.getLogger("llava_hpc.features")
 
@@ -178,6 +175,9 @@ def _write_plan(directory: Path, planned: DatasetPlan) -> None:
     with contextlib.suppress(OSError, ValueError):
         if images_file.exists() and json.loads(plan_file.read_text()) == description:
             return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     positions = range(len(planned.order))
     table = pa.table({
         "image": pa.array(planned.order, pa.string()),
@@ -257,6 +257,9 @@ def _load_batch(loader: ImageLoader, images: list[str], workers: int):
 
 
 def _encode_shard(tower, loader, planned: DatasetPlan, images: list[str], batch_size: int, workers: int):
+    import numpy as np
+    import torch
+
     names: list[str] = []
     hashes: list[str] = []
     blocks: list[np.ndarray] = []
@@ -284,6 +287,9 @@ def _encode_shard(tower, loader, planned: DatasetPlan, images: list[str], batch_
 
 
 def run(ctx: StageContext, task: Task) -> dict:
+    from llava_hpc.data.features_io import write_shard  # pyarrow and torch: only where the work runs
+    from llava_hpc.model.vision import build_vision_tower
+
     settings = ctx.pipeline.stages.features
     dataset = task.payload["dataset"]
     directory = output_dir(ctx, dataset)

@@ -27,15 +27,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
 
 from llava_hpc import faults
-from llava_hpc.data.datasets import Collator, PromptDataset
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.eval.benches import BenchData, load_bench
-from llava_hpc.model.llava import LlavaForCausalLM
 from llava_hpc.rundir import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import (
@@ -46,6 +43,11 @@ from llava_hpc.stages.common import (
     stage1_projector_path,
     stage2_model_dir,
 )
+
+if TYPE_CHECKING:  # torch and the model only where answers are generated: planning and status stay light
+    import torch
+
+    from llava_hpc.model.llava import LlavaForCausalLM
 
 log = logging.getLogger("llava_hpc.generate")
 
@@ -58,6 +60,10 @@ def output_dir(ctx: StageContext, bench: str) -> Path:
 
 def is_done(ctx: StageContext) -> bool:
     return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.generate_benches())
+
+
+def not_applicable(ctx: StageContext) -> str | None:
+    return None if ctx.pipeline.generate_benches() else "no bench in this pipeline"
 
 
 def needs(ctx: StageContext) -> list[str]:
@@ -199,6 +205,8 @@ def prepare_prompts(
 ) -> tuple[list[dict], list[dict]]:
     """(prompt items for `generate_batched`, bad questions). Images are read in threads; a question whose image is
     missing or corrupt becomes a bad-question record with the reason instead of an item."""
+    from llava_hpc.data.datasets import PromptDataset
+
     dataset = PromptDataset(questions, template, preprocess, load_image)
 
     def item(index: int):
@@ -237,6 +245,8 @@ def generate_batched(
     device: str | torch.device = "cpu",
 ) -> list[tuple[str, int]]:
     """(answer text, new tokens) per prompt item, in item order; items are `PromptDataset` items."""
+    from llava_hpc.data.datasets import Collator
+
     collate = Collator(model.pad_token_id, padding_side="left")
     outputs = []
     for start in range(0, len(items), batch_size):
@@ -277,6 +287,9 @@ def answer_line(question: dict, text: str, new_tokens: int, model_id: str, ctx: 
 
 
 def _generate_chunks(ctx: StageContext, data: BenchData, directory: Path, chunks: list[int], key: str) -> None:
+    import torch
+    from tqdm import tqdm
+
     settings = ctx.pipeline.stages.generate
     device, dtype = compute_device()
     model, template, model_id = load_trained_model(ctx, settings.model, device)

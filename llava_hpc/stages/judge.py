@@ -100,6 +100,15 @@ def is_done(ctx: StageContext, benches: list[str] | None = None) -> bool:
                if benches is None or name in benches)
 
 
+def not_applicable(ctx: StageContext) -> str | None:
+    """Why this pipeline has nothing for the judge at all (shown instead of a 'done' that never happened)."""
+    if judged_benches(ctx):
+        return None
+    kinds = sorted({ctx.pipeline.benches[name].kind for name in ctx.pipeline.generate_benches()})
+    scored = f" (its benches, {', '.join(kinds)}, are scored without a judge)" if kinds else ""
+    return f"no judged bench in this pipeline{scored}"
+
+
 def plan(ctx: StageContext, benches: list[str] | None = None) -> list[Task]:
     """One task per judged bench not done yet; `benches` limits it (the CLI's --bench)."""
     names = [name for name in judged_benches(ctx) if benches is None or name in benches]

@@ -43,6 +43,10 @@ def is_done(ctx: StageContext, benches: list[str] | None = None) -> bool:
                if benches is None or name in benches)
 
 
+def not_applicable(ctx: StageContext) -> str | None:
+    return None if ctx.pipeline.generate_benches() else "no bench in this pipeline"
+
+
 def _after_login_judging(ctx: StageContext) -> str | None:
     later = [name for name in ctx.pipeline.generate_benches()
              if _judged_on_login_side(ctx, name) and not ctx.run.is_done(output_dir(ctx, name))]

@@ -3,7 +3,6 @@ caption). Writes `RUN/stage1/projector.safetensors`."""
 
 from __future__ import annotations
 
-from llava_hpc.model.llava import save_projector
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages import training
 from llava_hpc.stages.common import stage1_projector_path
@@ -36,6 +35,8 @@ def _prepare(model) -> None:
 
 
 def _finish(ctx, result, model, tokenizer, env) -> dict:
+    from llava_hpc.model.llava import save_projector
+
     # Under ZeRO-2 (or one process) every rank holds the whole projector; rank 0 writes it.
     projector = result.engine.model.multi_modal_projector
     if env.is_main:

@@ -4,11 +4,6 @@ transformers' Llava format to `RUN/stage2/model/` (gathered from all ranks under
 
 from __future__ import annotations
 
-import torch
-
-from llava_hpc.model.builders import build_llava
-from llava_hpc.model.export import export_llava
-from llava_hpc.model.llava import load_projector
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages import training
 from llava_hpc.stages.common import llava_spec, stage1_projector_path, stage2_model_dir
@@ -37,6 +32,8 @@ def reset(ctx: StageContext) -> None:
 
 
 def run(ctx: StageContext, task: Task) -> dict:
+    from llava_hpc.model.llava import load_projector
+
     projector_path = stage1_projector_path(ctx.run)
     if not ctx.run.is_done(ctx.run.stage_dir("stage1")):
         raise FileNotFoundError(f"{projector_path}: stage1 is not done in {ctx.run.root}; submit stage1 first")
@@ -50,6 +47,11 @@ def run(ctx: StageContext, task: Task) -> dict:
 
 
 def _finish(ctx, result, model, tokenizer, env) -> dict:
+    import torch
+
+    from llava_hpc.model.builders import build_llava
+    from llava_hpc.model.export import export_llava
+
     state = result.engine.full_state_dict()  # collective under ZeRO-3: every rank calls it
     if not env.is_main:
         return {}

@@ -10,24 +10,27 @@ import os
 import shutil
 from typing import Callable
 
-import torch
+from typing import TYPE_CHECKING
 
 from llava_hpc.config import TrainStage
-from llava_hpc.data.datasets import Collator, FeatureConversationDataset
-from llava_hpc.data.encoded import EncodedCache, EncodeSettings, cache_spec, file_fingerprint
-from llava_hpc.data.features_io import FeatureStore
-from llava_hpc.data.templates import ConversationTemplate
-from llava_hpc.model.builders import build_llava
 from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
 from llava_hpc.stages import StageContext, Task
 from llava_hpc.stages.common import llava_spec, load_positioned_records, model_preflight, subset_positions
-from llava_hpc.train import distributed
-from llava_hpc.train.loop import TrainResult, TrainSettings, plot_loss, train
+
+# Planning, status and progress need none of the training machinery (torch, Arrow): `llava-hpc status` stays fast.
+if TYPE_CHECKING:
+    from llava_hpc.data.datasets import FeatureConversationDataset
+    from llava_hpc.data.encoded import EncodedCache, EncodeSettings
+    from llava_hpc.data.templates import ConversationTemplate
+    from llava_hpc.train import distributed
+    from llava_hpc.train.loop import TrainSettings
 
 log = logging.getLogger("llava_hpc.train")
 
 
 def settings_of(stage: TrainStage) -> TrainSettings:
+    from llava_hpc.train.loop import TrainSettings
+
     return TrainSettings(
         batch_size=stage.batch_size, grad_accum=stage.grad_accum, lr=stage.lr, warmup_ratio=stage.warmup_ratio,
         weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm, epochs=stage.epochs,
@@ -78,6 +81,8 @@ def progress(ctx: StageContext, stage: str) -> str | None:
 def encoded_cache(ctx: StageContext, stage: str, template: ConversationTemplate,
                   settings: EncodeSettings) -> EncodedCache:
     """The stage's encoded-records cache, keyed by everything its samples depend on (see data.encoded)."""
+    from llava_hpc.data.encoded import EncodedCache, cache_spec, file_fingerprint
+
     config: TrainStage = getattr(ctx.pipeline.stages, stage)
     dataset = ctx.pipeline.datasets[config.dataset]
     if dataset.kind == "synthetic":
@@ -95,6 +100,8 @@ def build_cache(ctx: StageContext, stage: str, cache: EncodedCache, template: Co
                 settings: EncodeSettings, env: distributed.DistributedEnv) -> None:
     """Collective: unless the cache is complete, every rank encodes its share (with a pool of its CPUs), then rank 0
     publishes it. A failure on any rank fails every rank with its message, never a hang at a barrier."""
+    from llava_hpc.train import distributed
+
     # One decision for all ranks: a cache published by another job between two ranks' checks must not split them.
     _, missing = distributed.all_reduce_mean_and_any(0.0, not cache.is_complete())
     if not missing:
@@ -173,6 +180,16 @@ def run_training(
     prepare: Callable,  # (model) -> None: freeze / load what this stage starts from
     finish: Callable,  # (ctx, result, model, tokenizer, env) -> dict: write the stage's artifact (collective)
 ) -> dict:
+    import torch
+
+    from llava_hpc.data.datasets import Collator, FeatureConversationDataset
+    from llava_hpc.data.encoded import EncodeSettings
+    from llava_hpc.data.features_io import FeatureStore
+    from llava_hpc.data.templates import ConversationTemplate
+    from llava_hpc.model.builders import build_llava
+    from llava_hpc.train import distributed
+    from llava_hpc.train.loop import TrainResult, plot_loss, train
+
     config: TrainStage = getattr(ctx.pipeline.stages, stage)
     settings = settings_of(config)
     out_dir = ctx.run.stage_dir(stage)
