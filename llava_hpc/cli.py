@@ -116,6 +116,49 @@ def _print_outcome(outcome) -> None:
         console.print(outcome.script, markup=False, highlight=False)
 
 
+class _Progress:
+    """What a person waiting sees between the "submitted" lines: on a terminal one live line (spinner, stage, elapsed,
+    its progress); elsewhere (a Slurm .out file, CI, nohup) a plain line per running stage every
+    $LLAVA_HPC_PROGRESS_S seconds (default 30): step/total, rate, ETA and loss for training."""
+
+    def __init__(self, progress_of):
+        self.progress_of = progress_of  # stage -> its progress text (the orchestrator's)
+        self.every_s = float(os.environ.get("LLAVA_HPC_PROGRESS_S", "30"))
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+        self.live = None
+
+    def waiting_on(self, stage: str) -> None:
+        """Called every few seconds while the stage runs here (local executor)."""
+        now = time.time()
+        started = self.started.setdefault(stage, now)
+        self.show(stage, self.progress_of(stage), now - started)
+
+    def show(self, stage: str, text: str | None, elapsed_s: float) -> None:
+        line = f"{stage:9} running {_elapsed(max(1, elapsed_s))}" + (f"  {text}" if text else "")
+        if console.is_terminal:
+            if self.live is None:
+                self.live = console.status("")
+                self.live.start()
+            self.live.update(line)
+            return
+        now = time.time()
+        if now - self.printed.get(stage, now - elapsed_s) >= self.every_s:
+            console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False, soft_wrap=True)
+            self.printed[stage] = now
+
+    def rows(self, rows) -> None:
+        """A poll of `status` (Slurm): a line for each running stage."""
+        for row in rows:
+            if row.state.startswith("running"):
+                self.show(row.stage, row.progress, row.elapsed_s)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
 def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides, plan_options=None):
     make_private()
     warnings: list[str] | None = [] if dry_run else None
@@ -127,9 +170,10 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
     from llava_hpc.orchestrate import PreflightError
     from llava_hpc.scheduler import SchedulerError
 
+    progress = _Progress(orchestrator.progress)
     try:
         outcomes = orchestrator.submit(stage, force=force, dry_run=dry_run, wait=wait, on_outcome=_print_outcome,
-                                       plan_options=plan_options)
+                                       plan_options=plan_options, on_wait=progress.waiting_on)
     except AlreadyLockedError as exc:
         _fail(f"another llava-hpc command is submitting into this run directory: {exc}")
     except PreflightError as exc:
@@ -138,6 +182,8 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
         _fail(str(exc))
     except (StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
+    finally:
+        progress.stop()
     if dry_run:
         for warning in dict.fromkeys([*(warnings or []), *orchestrator.ctx.warnings]):
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -191,9 +237,13 @@ def run(
                                                             overrides)
     # What is left to the login side (a judge compute nodes cannot reach) is not waited for here.
     stages = [o.stage for o in outcomes if o.action not in ("login-side", "not-applicable")]
-    if orchestrator.executor == "slurm":
+    if orchestrator.executor == "slurm" and console.is_terminal:
         with Live(console=console, refresh_per_second=1) as live:
             rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
+    elif orchestrator.executor == "slurm":  # a log: progress lines, then the final table
+        progress = _Progress(orchestrator.progress)
+        rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=progress.rows)
+        console.print(_status_table(rows, run_obj))
     else:
         rows = [r for r in orchestrator.status() if r.stage in stages]
         console.print(_status_table(rows, run_obj))

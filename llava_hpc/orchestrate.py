@@ -179,6 +179,14 @@ class Orchestrator:
             return None
         return hook(self.ctx) if hook is not None else None
 
+    def progress(self, stage: str) -> str | None:
+        """What a stage's files say about how far it got (step/total, rate, ETA, loss for training)."""
+        try:
+            hook = getattr(stage_module(stage), "progress", None)
+        except StageNotBuiltError:
+            return None
+        return hook(self.ctx) if hook is not None else None
+
     def _is_done(self, stage: str) -> bool:
         try:
             return stage_module(stage).is_done(self.ctx)
@@ -187,12 +195,14 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------ submit
     def submit(self, requested: str, force: bool = False, dry_run: bool = False, wait: bool | None = None,
-               on_outcome=None, plan_options: dict | None = None) -> list[StageOutcome]:
-        """Submit the requested stage(s). `wait` defaults to True where there is no queue (local, debug).
-        `plan_options`: stage -> keyword arguments for its plan() (e.g. {"judge": {"benches": [...]}})."""
+               on_outcome=None, plan_options: dict | None = None, on_wait=None) -> list[StageOutcome]:
+        """Submit the requested stage(s). `wait` defaults to True where there is no queue (local, debug); while it
+        waits for a stage, `on_wait(stage)` is called every few seconds. `plan_options`: stage -> keyword arguments
+        for its plan() (e.g. {"judge": {"benches": [...]}})."""
         stages = resolve_stages(requested)
         wait = self.executor != "slurm" if wait is None else wait
         self._plan_options = plan_options or {}
+        self._on_wait = on_wait
         self.ctx.dry_run = dry_run
         if dry_run:
             self.ctx.warnings.extend(self._preflight(stages, force))
@@ -231,7 +241,8 @@ class Orchestrator:
             if outcome.submission is not None:
                 active[stage] = outcome.submission
                 if wait:
-                    errors = self.scheduler.wait(outcome.submission)
+                    poll = (lambda stage=stage: self._on_wait(stage)) if self._on_wait else None
+                    errors = self.scheduler.wait(outcome.submission, on_poll=poll)
                     if errors or not stage_module(stage).is_done(self.ctx, **self._plan_options.get(stage, {})):
                         failed = StageOutcome(stage, "failed", "; ".join(errors) or "ended without writing _SUCCESS",
                                               outcome.submission)

@@ -310,11 +310,17 @@ class Scheduler:
         self.run.record_submission(submission)
         return submission
 
-    def wait(self, submission: Submission) -> list[str]:
-        """Block until every task of a submission from this process ends; return the errors (empty: success)."""
+    def wait(self, submission: Submission, on_poll=None, poll_s: float = 2.0) -> list[str]:
+        """Block until every task of a submission from this process ends; return the errors (empty: success).
+        `on_poll()` is called every `poll_s` while tasks still run (progress for the person waiting)."""
         jobs = self._live_jobs.get(submission.stage)
         if jobs is None:
             raise SchedulerError(f"stage {submission.stage} was not submitted by this process; use `status`")
+        # Debug jobs run inside result(): there is nothing to poll.
+        if on_poll is not None and self.executor_kind != "debug":
+            while not all(job.done() for job in jobs):
+                on_poll()
+                time.sleep(poll_s)
         errors = []
         for job in jobs:
             try:

@@ -44,7 +44,7 @@ SLOW = {
 }
 # Fields that measure the run rather than make up its results: wall times, speeds, memory, job bookkeeping.
 VOLATILE = {"time", "seconds", "generate_seconds", "finished_at", "samples_per_s", "tokens_per_s", "memory_gb",
-            "images_per_s", "resumed_from_step", "elapsed_s", "started_at", "latency_s", "wall_s", "key",
+            "images_per_s", "resumed_from_step", "resumed_from", "elapsed_s", "started_at", "latency_s", "wall_s", "key",
             # how this run's judgements were obtained (sent now, or from the cache of an earlier attempt), not what
             # they are: the tests check separately that nothing was paid for twice
             "requests_sent", "requests_from_cache"}

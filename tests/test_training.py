@@ -146,3 +146,17 @@ def test_bf16_is_refused_on_gpus_without_it_never_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # A40
     assert resolve_precision("bf16", gpu) == "bf16" and resolve_precision("auto", gpu) == "bf16"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_loss_plot_continues_stage1_into_stage2_and_marks_a_resume(tmp_path):
+    from llava_hpc.train.loop import plot_loss
+
+    stage1, stage2 = tmp_path / "stage1.jsonl", tmp_path / "stage2.jsonl"
+    stage1.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s, "resumed_from": 0}) + "\n" for s in range(1, 11)))
+    rows = [{"step": s, "loss": 1.0 / s, "resumed_from": 0 if s <= 4 else 4} for s in range(1, 9)]
+    stage2.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = tmp_path / "loss.png"
+    plot_loss([("stage1", stage1), ("stage2", stage2)], target, "test")
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 5000
+    plot_loss([("stage1", tmp_path / "missing.jsonl")], tmp_path / "none.png", "nothing yet")
+    assert not (tmp_path / "none.png").exists()  # no rows, no picture

@@ -68,14 +68,34 @@ def preflight(ctx: StageContext, stage: str) -> list[str]:
 
 
 def progress(ctx: StageContext, stage: str) -> str | None:
+    """"step 120/1500, 3.2 steps/s, ETA 0:07:11, loss 1.234" from the stage's metrics.jsonl (the rate over its
+    last rows of this attempt: a requeue starts a new clock)."""
     metrics = ctx.run.stage_dir(stage) / "metrics.jsonl"
     if not metrics.exists():
         return None
-    lines = metrics.read_text().splitlines()
-    if not lines:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()[-20:] if line.strip()]
+    if not rows:
         return None
-    last = json.loads(lines[-1])
-    return f"step {last['step']}, loss {last['loss']:.3f}"
+    last = rows[-1]
+    total = last.get("total_steps")
+    text = f"step {last['step']}" + (f"/{total}" if total else "")
+    # Rows of one attempt: steps and times both increase (a resumed run rewinds steps to its checkpoint).
+    attempt = [last]
+    for row in reversed(rows[:-1]):
+        if row["step"] >= attempt[0]["step"] or row.get("time", 0) >= attempt[0].get("time", 0):
+            break
+        attempt.insert(0, row)
+    if len(attempt) >= 2 and attempt[-1]["time"] > attempt[0]["time"]:
+        rate = (attempt[-1]["step"] - attempt[0]["step"]) / (attempt[-1]["time"] - attempt[0]["time"])
+        text += f", {rate:.2f} steps/s" if rate < 10 else f", {rate:.0f} steps/s"
+        if total and rate > 0 and total > last["step"]:
+            text += f", ETA {_clock((total - last['step']) / rate)}"
+    return text + f", loss {last['loss']:.3f}"
+
+
+def _clock(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def encoded_cache(ctx: StageContext, stage: str, template: ConversationTemplate,
@@ -231,7 +251,10 @@ def run_training(
     result: TrainResult = train(model, dataset, collate, settings, out_dir, env, device, stage)
     summary = finish(ctx, result, model, tokenizer, env)
     if env.is_main:
-        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", f"{ctx.pipeline.name} {stage}")
+        # Stage 2's plot continues stage 1's curve: one picture of the whole training.
+        curves = [(name, ctx.run.stage_dir(name) / "metrics.jsonl") for name in ("stage1", "stage2")]
+        curves = curves[: [name for name, _ in curves].index(stage) + 1]
+        plot_loss(curves, out_dir / "loss.png", f"{ctx.pipeline.name} {stage}")
         summary.update(
             stage=stage, steps=result.steps, resumed_from_step=result.resumed_from, final_loss=result.final_loss,
             seconds=round(result.seconds, 1), world_size=env.world_size, template=template_name,

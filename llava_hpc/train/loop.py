@@ -352,7 +352,8 @@ def train(
         if env.is_main:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
             append_jsonl(metrics_file, {
-                "step": done, "loss": loss_value, "lr": engine.lr, "grad_norm": engine.grad_norm,
+                "step": done, "total_steps": total, "resumed_from": start, "loss": loss_value, "lr": engine.lr,
+                "grad_norm": engine.grad_norm,
                 "samples_per_s": window_steps * per_rank * env.world_size / seconds,
                 "tokens_per_s": window_tokens * env.world_size / seconds,
                 "memory_gb": _memory_gb(device), "time": time.time(),
@@ -481,21 +482,41 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def plot_loss(metrics_file: Path, target: Path, title: str) -> None:
+def plot_loss(curves: list[tuple[str, Path]], target: Path, title: str) -> None:
+    """The loss of one or more stages in order (stage 1 then stage 2) on one log-scale axis, steps counted on from
+    stage to stage; a solid line where a stage begins, a dashed one where an attempt resumed from a checkpoint
+    (a requeue, a resubmission): the rows say which attempt wrote them (`resumed_from`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    if not rows:
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    offset, plotted = 0, False
+    for stage, metrics_file in curves:
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
+            if metrics_file.exists() else []
+        if not rows:
+            continue
+        if plotted:
+            axis.axvline(offset, color="black", lw=0.8)
+        axis.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label=stage)
+        for before, row in zip(rows, rows[1:]):
+            if row.get("resumed_from") != before.get("resumed_from"):
+                axis.axvline(offset + row["resumed_from"], color="grey", lw=0.8, ls="--")
+                axis.annotate(f"resumed at {row['resumed_from']}", (offset + row["resumed_from"], 1), fontsize=7,
+                              xycoords=("data", "axes fraction"), va="top", rotation=90, color="grey")
+        offset += rows[-1]["step"]
+        plotted = True
+    if not plotted:
+        plt.close(figure)
         return
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss")
+    axis.set_yscale("log")  # the tail of a loss curve is where the differences are
+    axis.set_xlabel("optimizer step" + (" (stages in order)" if len(curves) > 1 else ""))
+    axis.set_ylabel("loss (log scale)")
     axis.set_title(title)
-    axis.grid(alpha=0.3)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(target) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
