@@ -71,7 +71,8 @@ def fake_slurm(monkeypatch, sinfo: str = SINFO, sacctmgr: str = SACCTMGR) -> lis
             return CommandResult(0, sacctmgr)
         return CommandResult(None, problem=f"{argv[0]} not faked")
 
-    monkeypatch.setattr(doctor, "run_command", run)
+    for module in (doctor.slurm, doctor.storage, doctor.probe):  # every module that looks run_command up
+        monkeypatch.setattr(module, "run_command", run)
     return calls
 
 
@@ -203,7 +204,7 @@ def test_run_dir_filesystem_kinds(tmp_path, monkeypatch):
     pipeline = pipeline_of(tmp_path, executor="slurm", run_dir="/tmp/somewhere/run")
     fs = row(doctor.check_run_dir(pipeline), "filesystem")
     assert fs.status == "warning" and "under /tmp" in fs.detail
-    monkeypatch.setattr(doctor, "filesystem_type", lambda path, run=None: "lustre")
+    monkeypatch.setattr(doctor.storage, "filesystem_type", lambda path, run=None: "lustre")
     pipeline = pipeline_of(tmp_path, executor="slurm", run_dir=str(tmp_path / "scratch" / "run"))
     assert row(doctor.check_run_dir(pipeline), "filesystem").status == "ok"
 
@@ -227,13 +228,13 @@ def test_disk_space_too_small_for_the_features(tmp_path, monkeypatch):
     per_image = doctor.feature_bytes_per_image(pipeline)
     assert per_image == int(64 * 64 * 2 * 0.92)
     needed = (64 + 48) * per_image
-    monkeypatch.setattr(doctor.os, "statvfs", fake_statvfs(needed // 2))
+    monkeypatch.setattr(doctor.storage.os, "statvfs", fake_statvfs(needed // 2))
     space = doctor.check_disk_space(pipeline)
     assert space.status == "error" and "pretrain 64 + instruct 48 images" in space.detail
     assert "max_samples" in space.fix
-    monkeypatch.setattr(doctor.os, "statvfs", fake_statvfs(int(needed * 1.1)))
+    monkeypatch.setattr(doctor.storage.os, "statvfs", fake_statvfs(int(needed * 1.1)))
     assert doctor.check_disk_space(pipeline).status == "warning"
-    monkeypatch.setattr(doctor.os, "statvfs", fake_statvfs(needed * 10))
+    monkeypatch.setattr(doctor.storage.os, "statvfs", fake_statvfs(needed * 10))
     assert doctor.check_disk_space(pipeline).status == "ok"
 
 
