@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from llava_hpc import PIPELINE_ENV
-from llava_hpc.rundir import AlreadyLockedError, RunDir, make_private
+from llava_hpc.rundir import AlreadyLockedError, RunDir, RunDirError, make_private
 from llava_hpc.stages import ORDER, STAGES, StageNotBuiltError
 
 # Each command imports what it needs when it runs: `--help` loads no pydantic model, `status` no torch, transformers,
@@ -159,6 +159,23 @@ class _Progress:
             self.live = None
 
 
+def _interrupted(orchestrator) -> None:
+    """Ctrl-C: stages that run on this machine stop with this command (their finished work is kept: shards,
+    checkpoints, answer chunks, `_SUCCESS` markers); Slurm jobs are the queue's and go on."""
+    if orchestrator.executor == "local":
+        from llava_hpc.orchestrate import NothingToDo
+
+        try:
+            stopped = orchestrator.cancel(None)
+        except NothingToDo:
+            stopped = []
+        what = f"stopped the running stage (pid {', '.join(stopped)})" if stopped else "nothing was running"
+        _fail(f"interrupted: {what}; finished stages and saved work are kept. Run the same command again to go on "
+              "from there.", code=130)
+    _fail("interrupted: the Slurm jobs already submitted go on (`llava-hpc status`; `llava-hpc cancel` stops them)",
+          code=130)
+
+
 def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides, plan_options=None):
     make_private()
     warnings: list[str] | None = [] if dry_run else None
@@ -180,8 +197,13 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
         _fail("nothing was submitted; fix these first:\n" + "\n".join(f"  - {p}" for p in exc.problems))
     except SchedulerError as exc:
         _fail(str(exc))
+    except RunDirError as exc:
+        _fail(str(exc))
     except (StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        progress.stop()
+        _interrupted(orchestrator)
     finally:
         progress.stop()
     if dry_run:
@@ -242,7 +264,10 @@ def run(
             rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
     elif orchestrator.executor == "slurm":  # a log: progress lines, then the final table
         progress = _Progress(orchestrator.progress)
-        rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=progress.rows)
+        try:
+            rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=progress.rows)
+        except KeyboardInterrupt:
+            _interrupted(orchestrator)
         console.print(_status_table(rows, run_obj))
     else:
         rows = [r for r in orchestrator.status() if r.stage in stages]
@@ -290,6 +315,8 @@ def status(
     """One table: each stage's state, job id, array progress, elapsed time, GPU-hours, and why it failed.
 
     Asks Slurm with one squeue and one sacct call, however many jobs there are."""
+    if run_dir is not None and not run_dir.expanduser().is_dir():
+        _fail(f"{run_dir}: no such run directory (a typo? `llava-hpc status -p PIPELINE` finds the pipeline's own)")
     pipeline_obj, run = _load(pipeline, run_dir)
     orchestrator = _orchestrator(pipeline_obj, run, None)
     from llava_hpc.scheduler import SchedulerError
@@ -304,6 +331,9 @@ def status(
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:
         console.print(_status_table(rows, run))
+        if not run.root.exists():
+            console.print(f"nothing submitted yet: {run.root} does not exist. Start with `llava-hpc submit all` "
+                          "(or `llava-hpc run` on the local executor).", highlight=False)
 
 
 @app.command()
@@ -566,6 +596,10 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 512,
 ):
     """Ask a trained model one question about one image (greedy by default)."""
+    if not image.is_file():  # before the model loads: a typo should not cost a minute
+        _fail(f"image {image} does not exist")
+    if not model.is_dir():
+        _fail(f"model {model} does not exist (an exported model directory, e.g. RUN/stage2/model)")
     from llava_hpc.model.export import chat as chat_with
 
     try:
@@ -575,8 +609,29 @@ def chat(
     print(answer)
 
 
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="show the Python traceback of an unexpected error")] = False,
+):
+    """Options for every command (before the command's name: `llava-hpc --debug status`)."""
+
+
 def main() -> None:
-    app()
+    """The entry point: an error a user can cause is one message (the commands say which file, record and field);
+    an unexpected one is one line too, with its traceback only under --debug."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence; --debug shows everything
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print("  (unexpected: `llava-hpc --debug ...` shows the traceback; please report it)",
+                          highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

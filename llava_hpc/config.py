@@ -8,6 +8,7 @@ that copy. Secrets never live here: the judge names the environment variable tha
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -478,7 +479,8 @@ def _describe(error: dict) -> str:
 
 
 def _known_keys_hint(error: dict) -> str:
-    """For an unknown key, list the keys that the table does take (a typo is the usual cause)."""
+    """For an unknown key: the close match ("did you mean 'batch_size'?", a typo is the usual cause), else the keys
+    that the table does take."""
     model: type[BaseModel] = Pipeline
     for part in error["loc"][:-1]:
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
@@ -489,11 +491,35 @@ def _known_keys_hint(error: dict) -> str:
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         if nested:
             model = nested[0]
-    return ", ".join(sorted(model.model_fields))
+    known = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "expected one of: " + ", ".join(known)
+
+
+def _line_of(text: str, location: tuple) -> int | None:
+    """The line of a key in the TOML text: after its table's header when it has one ([stages.stage1]), else the
+    first line that sets it. None when not found (an inline table, a profile's key)."""
+    if not text or not location or not isinstance(location[-1], str):
+        return None
+    lines = text.splitlines()
+    key = re.compile(rf"^\s*{re.escape(location[-1])}\s*=")
+    table = ".".join(str(part) for part in location[:-1])
+    start = 0
+    if table:
+        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+        start = next((n for n, line in enumerate(lines) if header.match(line)), 0)
+    for number in range(start, len(lines)):
+        if number > start and table and lines[number].lstrip().startswith("["):
+            break
+        if key.match(lines[number]):
+            return number + 1
+    return None
 
 
 def parse_pipeline(data: dict, source: str | Path, base: Path | None = None, check_files: bool = True,
-                   warnings: list[str] | None = None) -> Pipeline:
+                   warnings: list[str] | None = None, text: str = "") -> Pipeline:
     """`check_files=False` (a dry run, `validate --no-check-files`): missing files and unset variables are not errors;
     they are appended to `warnings` (named by file and key) for the caller to show."""
     base = Path(source).resolve().parent if base is None else base
@@ -508,8 +534,9 @@ def parse_pipeline(data: dict, source: str | Path, base: Path | None = None, che
         for error in exc.errors():
             line = _describe(error)
             if error["type"] == "extra_forbidden":
-                line += f"; expected one of: {_known_keys_hint(error)}"
-            lines.append(f"  {line}")
+                line += f"; {_known_keys_hint(error)}"
+            number = _line_of(text, tuple(error["loc"]))
+            lines.append(f"  line {number}: {line}" if number else f"  {line}")
         raise PipelineError(f"{source}: invalid pipeline file\n" + "\n".join(lines)) from None
 
 
@@ -551,7 +578,7 @@ def _apply_profile(data: dict, source: Path) -> dict:
 def load_pipeline(path: str | Path, check_files: bool = True, warnings: list[str] | None = None) -> Pipeline:
     path = Path(path)
     data = _apply_profile(_read_toml(path, "pipeline file"), path)
-    return parse_pipeline(data, path, check_files=check_files, warnings=warnings)
+    return parse_pipeline(data, path, check_files=check_files, warnings=warnings, text=path.read_text())
 
 
 def find_pipeline(explicit: str | Path | None) -> Path:

@@ -187,6 +187,10 @@ class Submission:
         return self.job_ids[0].split("_")[0]
 
 
+class RunDirError(OSError):
+    """The run directory cannot be made or written: the message names it and what to change."""
+
+
 class AlreadyLockedError(RuntimeError):
     pass
 
@@ -214,7 +218,12 @@ class RunDir:
         return self.root / "logs" / stage
 
     def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {self.root}: {exc.strerror} ({exc.filename}); set "
+                              "run_dir in the pipeline, or --run-dir, to a writable place on the shared "
+                              "filesystem") from None
 
     # completion markers
     def is_done(self, directory: Path) -> bool:

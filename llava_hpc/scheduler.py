@@ -140,6 +140,26 @@ def job_python(python: str) -> str:
     return f"bash -c 'trap \"\" USR2; exec \"$0\" \"$@\"' {shlex.quote(python)}"
 
 
+@contextmanager
+def _stderr_to(path: Path | None):
+    """While submitit starts local jobs: their controller process inherits a stderr that is this file, not the
+    terminal. It writes there only about itself, a KeyboardInterrupt traceback included when Ctrl-C stops it (the
+    tasks' own logs are files already). No-op for None."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        os.dup2(target, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
+
+
 def _mem(mem_gb: float) -> str:
     return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
@@ -290,7 +310,8 @@ class Scheduler:
         executor = self._executor(stage, resources, self.dependency_for(after), checkpointable)
         call = _RequeueableStageCall() if checkpointable else _stage_call
         run_dir = str(self.run.root)
-        with _without_secrets():
+        controller_log = self.run.log_dir(stage) / "local-controller.err" if self.executor_kind == "local" else None
+        with _without_secrets(), _stderr_to(controller_log):
             if len(tasks) == 1:
                 jobs = [executor.submit(call, run_dir, tasks[0])]
             else:

@@ -175,7 +175,11 @@ def scrubber(secret: str) -> Callable[[str], str]:
 
 def _describe_error(exc: Exception) -> str:
     status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {exc}"
+    text = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {exc}"
+    url = getattr(getattr(exc, "request", None), "url", None)
+    if status is None and url is not None:  # no answer at all (refused, timed out, DNS): say where it went
+        text += f" ({url.scheme}://{url.host}{f':{url.port}' if url.port else ''}{url.path})"
+    return text
 
 
 def _is_fatal(exc: Exception) -> bool:

@@ -341,7 +341,7 @@ def _transport_factory(job: BenchJudging, local: bool, wait: bool):
 
 
 def _fail_incomplete(name: str, directory: Path, outcome_failures: list) -> None:
-    shown = "; ".join(f.error for f in outcome_failures[:3])
+    shown = "; ".join(list(dict.fromkeys(f.error for f in outcome_failures))[:3])
     raise JudgeIncompleteError(
         f"bench {name!r}: {len(outcome_failures)} judge requests failed after all retries (e.g. {shown}). "
         f"Everything else is cached in {directory / 'cache'}; run the judge again to send only these."
