@@ -155,7 +155,7 @@ class Orchestrator:
             done = self._is_done(stage)
             row = summarize(stage, latest[stage], states, done)
             if STAGES[stage].module is not None:
-                row.progress = getattr(stage_module(stage), "progress", lambda ctx: None)(self.ctx)
+                row.progress = self.progress(stage)
                 self._mark_login_side(row, latest[stage], states)
             rows.append(row)
         return rows
@@ -171,21 +171,21 @@ class Orchestrator:
         if reason:
             row.state, row.reason = "login-side", reason
 
-    def _not_applicable(self, stage: str) -> str | None:
-        """Why a stage has nothing to do in this pipeline at all (e.g. no judged bench), else None."""
+    def _optional_hook(self, stage: str, name: str) -> str | None:
+        """A stage module's optional `name(ctx)` hook, called; None where the stage or the hook does not exist."""
         try:
-            hook = getattr(stage_module(stage), "not_applicable", None)
+            hook = getattr(stage_module(stage), name, None)
         except StageNotBuiltError:
             return None
         return hook(self.ctx) if hook is not None else None
 
+    def _not_applicable(self, stage: str) -> str | None:
+        """Why a stage has nothing to do in this pipeline at all (e.g. no judged bench), else None."""
+        return self._optional_hook(stage, "not_applicable")
+
     def progress(self, stage: str) -> str | None:
         """What a stage's files say about how far it got (step/total, rate, ETA, loss for training)."""
-        try:
-            hook = getattr(stage_module(stage), "progress", None)
-        except StageNotBuiltError:
-            return None
-        return hook(self.ctx) if hook is not None else None
+        return self._optional_hook(stage, "progress")
 
     def _is_done(self, stage: str) -> bool:
         try:

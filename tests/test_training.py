@@ -160,3 +160,19 @@ def test_loss_plot_continues_stage1_into_stage2_and_marks_a_resume(tmp_path):
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 5000
     plot_loss([("stage1", tmp_path / "missing.jsonl")], tmp_path / "none.png", "nothing yet")
     assert not (tmp_path / "none.png").exists()  # no rows, no picture
+
+
+def test_progress_rate_and_eta_come_from_the_current_attempt(tmp_path):
+    """A requeue's downtime is not in the rate: rows name the checkpoint their attempt resumed from."""
+    from types import SimpleNamespace
+
+    from llava_hpc.stages.training import progress
+
+    run = RunDir(tmp_path)
+    metrics = run.stage_dir("stage2") / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    rows = [{"step": s, "total_steps": 100, "resumed_from": 0, "loss": 2.0, "time": 1000.0 + s} for s in (10, 20)]
+    rows += [{"step": s, "total_steps": 100, "resumed_from": 20, "loss": 1.5, "time": 5000.0 + 2 * s} for s in (30, 40)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = progress(SimpleNamespace(run=run), "stage2")
+    assert text == "step 40/100, 0.50 steps/s, ETA 0:02:00, loss 1.500", text

@@ -254,6 +254,8 @@ class LlavaForCausalLM(nn.Module):
         image_embeds = self.get_image_features(pixel_values, image_features)
         if layout is None and labels is not None:
             layout = self.image_layout(input_ids, attention_mask, labels, image_embeds.shape[0], "right", truncate=True)
+        if layout is not None:
+            layout = layout.to(input_ids.device)  # once: a no-op for a batch already moved with its layout
         inputs_embeds, attention_mask, labels = self.merge_image_embeddings(
             input_ids, attention_mask, labels, image_embeds, padding_side="right", truncate=True, layout=layout
         )
@@ -271,7 +273,7 @@ class LlavaForCausalLM(nn.Module):
         # path, a packed-sequence check on position ids).
         inputs.update(attention_mask=None, position_ids=None)
         hidden_states = self.language_model.get_decoder()(**inputs).last_hidden_state
-        return self.labelled_loss(hidden_states, layout.to(hidden_states.device))
+        return self.labelled_loss(hidden_states, layout)
 
     def labelled_loss(self, hidden_states: torch.Tensor, layout: ImageLayout):
         """transformers' causal-LM loss (position t predicts label t+1, mean over labels != -100), with the output

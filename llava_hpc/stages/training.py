@@ -8,9 +8,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Callable
-
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import TYPE_CHECKING, Callable
 
 from llava_hpc.config import TrainStage
 from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -68,8 +67,8 @@ def preflight(ctx: StageContext, stage: str) -> list[str]:
 
 
 def progress(ctx: StageContext, stage: str) -> str | None:
-    """"step 120/1500, 3.2 steps/s, ETA 0:07:11, loss 1.234" from the stage's metrics.jsonl (the rate over its
-    last rows of this attempt: a requeue starts a new clock)."""
+    """"step 120/1500, 3.2 steps/s, ETA 0:07:11, loss 1.234" from the stage's metrics.jsonl (the rate over the
+    last rows of the current attempt: rows say which checkpoint their attempt resumed from)."""
     metrics = ctx.run.stage_dir(stage) / "metrics.jsonl"
     if not metrics.exists():
         return None
@@ -79,12 +78,7 @@ def progress(ctx: StageContext, stage: str) -> str | None:
     last = rows[-1]
     total = last.get("total_steps")
     text = f"step {last['step']}" + (f"/{total}" if total else "")
-    # Rows of one attempt: steps and times both increase (a resumed run rewinds steps to its checkpoint).
-    attempt = [last]
-    for row in reversed(rows[:-1]):
-        if row["step"] >= attempt[0]["step"] or row.get("time", 0) >= attempt[0].get("time", 0):
-            break
-        attempt.insert(0, row)
+    attempt = [row for row in rows if row.get("resumed_from") == last.get("resumed_from")]
     if len(attempt) >= 2 and attempt[-1]["time"] > attempt[0]["time"]:
         rate = (attempt[-1]["step"] - attempt[0]["step"]) / (attempt[-1]["time"] - attempt[0]["time"])
         text += f", {rate:.2f} steps/s" if rate < 10 else f", {rate:.0f} steps/s"
@@ -174,10 +168,7 @@ def skipped_records(cache: EncodedCache, dataset: FeatureConversationDataset, fe
 
 
 def _count_kinds(skipped: list[dict]) -> dict:
-    counts: dict[str, int] = {}
-    for row in skipped:
-        counts[row["kind"]] = counts.get(row["kind"], 0) + 1
-    return counts
+    return dict(Counter(row["kind"] for row in skipped))
 
 
 def _skipped_line(skipped: list[dict], path) -> str:
@@ -237,9 +228,6 @@ def run_training(
     dataset = FeatureConversationDataset(cache.open(), store, cache_report["counts"])
     if len(dataset) == 0:
         raise ValueError(f"{stage}: dataset {config.dataset!r} has no usable samples")
-    if dataset.missing_features:
-        log.warning("%s: %d samples dropped, their images have no features (e.g. %s)", stage,
-                    len(dataset.missing_features), dataset.missing_features[0])
     collate = Collator.for_training(model, tokenizer.pad_token_id)
 
     skipped = skipped_records(cache, dataset, ctx.run.stage_dir("features") / config.dataset)
