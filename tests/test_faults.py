@@ -426,15 +426,18 @@ def test_node_crash_and_slurmd_restart_mid_stage(tmp_path, stub, images, clean):
     the job gone (NODE_FAIL) and requeues it; it resumes from its last checkpoint. Mid generate that node's slurmd
     alone is restarted: the job lives on. No resubmission is needed for either."""
     run = Run(tmp_path, stub.url, images, seed_from=clean.dir, stages_from=("features", "stage1"))
-    # Slurm declares a job lost only if it started over ~20 s (BatchStartTimeout + MessageTimeout) before the node
-    # came back: stage 2 runs slowly enough to be crashed after that, with a checkpoint written. At 8 s a step its
-    # 6 steps take ~55 s, so the crash at ~25 s cannot miss the job on a fast machine.
+    # At 8 s a step stage 2's 6 steps take ~55 s: the crash at ~25 s, after a checkpoint, cannot miss the job.
     run.submit_all({**SLOW, "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "8"})
     stage2_job, raw = wait_for(lambda: _progressed(run, "stage2") and _running_task(run, "stage2"), what="stage2 mid-work")
     wait_for(lambda: run.rows()["stage2"].elapsed_s >= 24, timeout=60, what="stage2 to run 24 s")
     (node,) = nodes_of(raw)
     node_fault("crash", node)
-    node_fault("start", node)  # back at once: Slurm finds the job gone when the node registers again
+    # A registering node is purged of a missing batch job only if the controller last saw the job over
+    # BatchStartTimeout + MessageTimeout (~20 s) ago, and it sees it at each periodic registration (one fell within
+    # 20 s of a crash in CI once, and the job stayed RUNNING). Down for 22 s, the node comes back with the job
+    # stale: whichever comes first, the registration or SlurmdTimeout's ping, ends it NODE_FAIL.
+    time.sleep(22)
+    node_fault("start", node)
     wait_for(lambda: len(sacct_states(stage2_job)) >= 2, timeout=120, what="stage2 requeued after the node crash")
     assert sacct_states(stage2_job)[0] == "NODE_FAIL"
     generate_job, raw = wait_for(lambda: _progressed(run, "generate") and _running_task(run, "generate"),
