@@ -16,7 +16,7 @@ from rich.table import Table
 
 from llava_hpc import PIPELINE_ENV
 from llava_hpc.rundir import AlreadyLockedError, RunDir, RunDirError, make_private
-from llava_hpc.stages import ORDER, STAGES, StageNotBuiltError
+from llava_hpc.stages import ORDER, UnknownStageError
 
 # Each command imports what it needs when it runs: `--help` loads no pydantic model, `status` no torch, transformers,
 # openai or pyarrow (benchmarks/bench_cli.py measures it).
@@ -104,7 +104,7 @@ def _stages_for(stage: str) -> list[str]:
 
     try:
         return resolve_stages(stage)
-    except StageNotBuiltError as exc:
+    except UnknownStageError as exc:
         _fail(str(exc))
 
 
@@ -199,7 +199,7 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
         _fail(str(exc))
     except RunDirError as exc:
         _fail(str(exc))
-    except (StageNotBuiltError, PipelineError, ValueError, OSError) as exc:
+    except (UnknownStageError, PipelineError, ValueError, OSError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
         progress.stop()
@@ -347,7 +347,7 @@ def logs(
 ):
     """Print a stage's job log (stderr by default, where Python logs and tracebacks go)."""
     pipeline_obj, run = _load(pipeline, run_dir)
-    if stage not in STAGES:
+    if stage not in ORDER:
         _fail(f"unknown stage {stage!r}; stages: {', '.join(ORDER)}")
     submission = run.latest_submission(stage)
     if submission is None:
@@ -391,7 +391,7 @@ def cancel(
     from llava_hpc.orchestrate import NothingToDo
     from llava_hpc.scheduler import SchedulerError
 
-    if stage is not None and stage not in STAGES:
+    if stage is not None and stage not in ORDER:
         _fail(f"unknown stage {stage!r}; stages: {', '.join(ORDER)}")
     pipeline_obj, run = _load(pipeline, run_dir)
     orchestrator = _orchestrator(pipeline_obj, run, None)

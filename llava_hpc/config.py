@@ -23,12 +23,14 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from llava_hpc import PIPELINE_ENV
+from llava_hpc.stages import ORDER
 
 DEFAULT_PIPELINE = "pipeline.toml"
 
@@ -338,13 +340,18 @@ class PlainStage(Strict):
     slurm: ResourceOverrides = Field(default_factory=ResourceOverrides)
 
 
-class Stages(Strict):
-    features: FeaturesStage = Field(default_factory=FeaturesStage)
-    stage1: TrainStage | None = None
-    stage2: TrainStage | None = None
-    generate: GenerateStage = Field(default_factory=GenerateStage)
-    judge: PlainStage = Field(default_factory=PlainStage)
-    report: PlainStage = Field(default_factory=PlainStage)
+# The [stages.<name>] table of each stage in llava_hpc.stages.ORDER (and in its order): its own settings where it has
+# some, else only its Slurm resources. A training stage may be left out of a pipeline (None).
+STAGE_TABLES: dict[str, tuple[Any, Any]] = {
+    "features": (FeaturesStage, Field(default_factory=FeaturesStage)),
+    "stage1": (TrainStage | None, None),
+    "stage2": (TrainStage | None, None),
+    "generate": (GenerateStage, Field(default_factory=GenerateStage)),
+}
+Stages = create_model(
+    "Stages", __base__=Strict,
+    **{name: STAGE_TABLES.get(name, (PlainStage, Field(default_factory=PlainStage))) for name in ORDER},
+)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

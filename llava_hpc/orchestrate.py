@@ -14,16 +14,7 @@ from dataclasses import dataclass, field
 from llava_hpc.config import Pipeline
 from llava_hpc.rundir import RunDir, Submission, atomic_write_text
 from llava_hpc.scheduler import ACTIVE_STATES, FAILED_STATES, QueryStats, Scheduler, SchedulerError, TaskState
-from llava_hpc.stages import (
-    ORDER,
-    STAGES,
-    StageContext,
-    StageNotBuiltError,
-    built_stages,
-    needs,
-    stage_module,
-    upstream,
-)
+from llava_hpc.stages import ORDER, StageContext, get_stage, upstream
 
 
 class NothingToDo(Exception):
@@ -39,10 +30,10 @@ class PreflightError(RuntimeError):
 
 
 def resolve_stages(requested: str) -> list[str]:
-    """'all' -> every built stage in order; a stage name -> itself (refused if it is not built yet)."""
+    """'all' -> every stage in order; a stage name -> itself (UnknownStageError, naming the stages, for others)."""
     if requested == "all":
-        return built_stages()
-    stage_module(requested)  # raises with a clear message for unknown or unbuilt stages
+        return list(ORDER)
+    get_stage(requested)
     return [requested]
 
 
@@ -146,17 +137,13 @@ class Orchestrator:
         states = self.scheduler.query(submissions, stats) if submissions else {}
         rows = []
         for stage in ORDER:
-            if STAGES[stage].module is None and latest[stage] is None:
-                continue
-            reason = self._not_applicable(stage)
+            reason = get_stage(stage).not_applicable(self.ctx)
             if reason and latest[stage] is None:
                 rows.append(StageStatus(stage, "n/a", reason=reason))
                 continue
-            done = self._is_done(stage)
-            row = summarize(stage, latest[stage], states, done)
-            if STAGES[stage].module is not None:
-                row.progress = self.progress(stage)
-                self._mark_login_side(row, latest[stage], states)
+            row = summarize(stage, latest[stage], states, get_stage(stage).is_done(self.ctx))
+            row.progress = self.progress(stage)
+            self._mark_login_side(row, latest[stage], states)
             rows.append(row)
         return rows
 
@@ -166,32 +153,13 @@ class Orchestrator:
             return
         if submission is not None and any(states.get(j, TaskState(j)).state != "COMPLETED" for j in submission.job_ids):
             return  # a job of it really failed
-        hook = getattr(stage_module(row.stage), "login_side", None)
-        reason = hook(self.ctx) if hook is not None else None
+        reason = get_stage(row.stage).login_side(self.ctx)
         if reason:
             row.state, row.reason = "login-side", reason
 
-    def _optional_hook(self, stage: str, name: str) -> str | None:
-        """A stage module's optional `name(ctx)` hook, called; None where the stage or the hook does not exist."""
-        try:
-            hook = getattr(stage_module(stage), name, None)
-        except StageNotBuiltError:
-            return None
-        return hook(self.ctx) if hook is not None else None
-
-    def _not_applicable(self, stage: str) -> str | None:
-        """Why a stage has nothing to do in this pipeline at all (e.g. no judged bench), else None."""
-        return self._optional_hook(stage, "not_applicable")
-
     def progress(self, stage: str) -> str | None:
         """What a stage's files say about how far it got (step/total, rate, ETA, loss for training)."""
-        return self._optional_hook(stage, "progress")
-
-    def _is_done(self, stage: str) -> bool:
-        try:
-            return stage_module(stage).is_done(self.ctx)
-        except StageNotBuiltError:
-            return False
+        return get_stage(stage).progress(self.ctx)
 
     # ------------------------------------------------------------------------------------------ submit
     def submit(self, requested: str, force: bool = False, dry_run: bool = False, wait: bool | None = None,
@@ -218,10 +186,9 @@ class Orchestrator:
         judge job without a key), so that a submit fails now, in one message, not at hour 3 in a job."""
         problems: list[str] = []
         for stage in stages:
-            module = stage_module(stage)
-            check = getattr(module, "preflight", None)
-            if check is not None and (force or not module.is_done(self.ctx)):
-                problems.extend(f"{stage}: {problem}" for problem in check(self.ctx))
+            declared = get_stage(stage)
+            if force or not declared.is_done(self.ctx):
+                problems.extend(f"{stage}: {problem}" for problem in declared.preflight(self.ctx))
         return list(dict.fromkeys(problems))
 
     def _submit_locked(self, stages, force, dry_run, wait, on_outcome) -> list[StageOutcome]:
@@ -243,7 +210,7 @@ class Orchestrator:
                 if wait:
                     poll = (lambda stage=stage: self._on_wait(stage)) if self._on_wait else None
                     errors = self.scheduler.wait(outcome.submission, on_poll=poll)
-                    if errors or not stage_module(stage).is_done(self.ctx, **self._plan_options.get(stage, {})):
+                    if errors or not get_stage(stage).is_done(self.ctx, **self._plan_options.get(stage, {})):
                         failed = StageOutcome(stage, "failed", "; ".join(errors) or "ended without writing _SUCCESS",
                                               outcome.submission)
                         outcomes.append(failed)
@@ -300,47 +267,40 @@ class Orchestrator:
         return active
 
     def _submit_stage(self, stage, stages, force, dry_run, active) -> StageOutcome:
-        module = stage_module(stage)
-        if getattr(self.pipeline.stages, stage, None) is None:
+        declared = get_stage(stage)
+        if declared.settings(self.pipeline) is None:
             return StageOutcome(stage, "failed", f"the pipeline has no [stages.{stage}] table")
-        if (reason := self._not_applicable(stage)) is not None:
+        if (reason := declared.not_applicable(self.ctx)) is not None:
             return StageOutcome(stage, "not-applicable", reason)
-        if module.is_done(self.ctx) and not force:
+        if declared.is_done(self.ctx) and not force:
             return StageOutcome(stage, "skipped-done", "already done (_SUCCESS exists); --force to redo")
         if stage in active and not force:
             ids = ",".join(active[stage].job_ids[:3]) + ("..." if len(active[stage].job_ids) > 3 else "")
             return StageOutcome(stage, "skipped-active", f"already queued or running (job {ids}); --force to resubmit")
-        if self.executor == "slurm" and (elsewhere := getattr(module, "login_side", None)) is not None:
-            reason = elsewhere(self.ctx)
-            if reason:
-                return StageOutcome(stage, "login-side", reason)
-        inputs_ready = getattr(module, "inputs_ready", None)
+        if self.executor == "slurm" and (reason := declared.login_side(self.ctx)):
+            return StageOutcome(stage, "login-side", reason)
         options = self._plan_options.get(stage, {})
-
-        def ready(parent: str) -> bool:
-            return inputs_ready(self.ctx, parent, **options) if inputs_ready else self._is_done(parent)
-
-        waiting_on = [parent for parent in needs(stage, self.ctx)
-                      if STAGES[parent].module is not None and not ready(parent)
+        waiting_on = [parent for parent in declared.reads_from(self.ctx)
+                      if not declared.ready_to_read(self.ctx, parent, **options)
                       and parent not in active and parent not in stages]
         if waiting_on and not dry_run:
             return StageOutcome(stage, "failed", f"needs {', '.join(waiting_on)}, which is neither done nor queued: "
                                                  f"submit {waiting_on[0]} first (or `submit all`)")
         if force and not dry_run:
             self._clear_done(stage)
-        tasks = module.plan(self.ctx, **self._plan_options.get(stage, {}))
+        tasks = declared.plan(self.ctx, **options)
         if not tasks:
             return StageOutcome(stage, "skipped-done", "nothing left to compute")
         after = [active[parent] for parent in upstream(stage, list(active) + stages, self.ctx) if parent in active]
         resources = self.pipeline.resources(stage)
         if dry_run:
-            script = self.scheduler.sbatch_script(stage, tasks, resources, after, STAGES[stage].checkpointable)
+            script = self.scheduler.sbatch_script(stage, tasks, resources, after, declared.checkpointable)
             kind = f"an array of {len(tasks)}" if len(tasks) > 1 else "1 job"
             ranks = resources.nodes * resources.tasks_per_node
             shape = f" of {resources.nodes} node(s) x {resources.tasks_per_node} task(s)" if ranks > 1 else ""
             deps = f", afterok {', '.join(s.stage for s in after)}" if after else ""
             return StageOutcome(stage, "dry-run", f"would submit {kind}{shape}{deps}", script=script)
-        submission = self.scheduler.submit(stage, tasks, resources, after, STAGES[stage].checkpointable)
+        submission = self.scheduler.submit(stage, tasks, resources, after, declared.checkpointable)
         kind = f"array of {len(tasks)}" if len(tasks) > 1 else "job"
         deps = f", afterok {','.join(submission.depends_on)}" if submission.depends_on else ""
         if stage in self._replaced:
@@ -353,9 +313,7 @@ class Orchestrator:
         if stage_dir.exists():
             for marker in stage_dir.rglob("_SUCCESS"):
                 marker.unlink()
-        reset = getattr(stage_module(stage), "reset", None)
-        if reset is not None:
-            reset(self.ctx)
+        get_stage(stage).reset(self.ctx)
 
     # ------------------------------------------------------------------------------------------ wait / cancel
     def wait_until_finished(self, stages: list[str], poll_s: float = 3.0, timeout_s: float | None = None,

@@ -93,11 +93,6 @@ def _run_in_job(run_dir: str, task: Task) -> dict:
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def _stage_call(run_dir: str, task: Task) -> dict:
-    """A stage task that is not checkpointable: submitit still requeues it on preemption (not on timeout)."""
-    return _run_in_job(run_dir, task)
-
-
 class _RequeueableStageCall(Checkpointable):
     """A stage task that submitit requeues on preemption/timeout. Its state is on disk (checkpoints, finished
     shards), so resubmitting the same call with the same arguments resumes the work."""
@@ -308,7 +303,8 @@ class Scheduler:
         if self.executor_kind == "slurm":
             _require_slurm()
         executor = self._executor(stage, resources, self.dependency_for(after), checkpointable)
-        call = _RequeueableStageCall() if checkpointable else _stage_call
+        # Not checkpointable: submitit still requeues the job on preemption, not on timeout.
+        call = _RequeueableStageCall() if checkpointable else _run_in_job
         run_dir = str(self.run.root)
         controller_log = self.run.log_dir(stage) / "local-controller.err" if self.executor_kind == "local" else None
         with _without_secrets(), _stderr_to(controller_log):

@@ -188,7 +188,7 @@ def test_stage_jobs_requeue_with_the_hardened_requeue(monkeypatch, tmp_path):
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # as submitit's sbatch script sets it
     try:
-        for call in (scheduler._RequeueableStageCall(), scheduler._stage_call):
+        for call in (scheduler._RequeueableStageCall(), scheduler._run_in_job):
             monkeypatch.setattr(SlurmJobEnvironment, "_requeue", submitit_requeue)
             assert call(str(tmp_path), "t0") == {"ran": "t0"}
             assert SlurmJobEnvironment._requeue is scheduler._requeue_surviving_its_own_kill

@@ -1,22 +1,10 @@
-"""The stages of the pipeline and the order they run in.
+"""The stages of the pipeline, the order they run in, and what a stage declares.
 
-Each stage is a module with:
-    plan(ctx) -> list[Task]     the tasks still to run (one job, or an array when there are several)
-    run(ctx, task) -> dict      do one task; read inputs from and write outputs to the run directory
-    is_done(ctx, **plan_options) -> bool
-                                whether its `_SUCCESS` marker(s) exist (for what the plan options select)
-    progress(ctx) -> str | None optional: a short progress note for `status` (e.g. "37/40 shards")
-    reset(ctx)                  optional: what `--force` removes besides the `_SUCCESS` markers
-    needs(ctx) -> [stage]       optional: the stages it reads from when that depends on the pipeline
-                                (generate reads stage1's model or stage2's); default: StageInfo.after
-    inputs_ready(ctx, parent, **plan_options) -> bool
-                                optional: whether what it will read from `parent` is there, when that is less
-                                than all of `parent` (judge --bench X needs only X's answers); default:
-                                the parent's is_done
-    preflight(ctx) -> [str]     optional: problems that would make its job fail at once (a model not in the local
-                                cache, a missing key file), checked before anything is submitted
-    login_side(ctx) -> str|None optional, Slurm only: why the stage is not submitted as a job and what to run on
-                                the login side instead (the judge, where compute nodes cannot reach its endpoint)
+Each stage is a module `llava_hpc.stages.<name>` whose `STAGE` is a `Stage`: the functions the orchestrator and
+the job call, and its place in the chain. Adding a stage is its module and its name in `ORDER` (and, when it has
+settings of its own, its table in `config.py`; any other stage gets a `[stages.<name>]` table with only `slurm`).
+Stage modules are imported when first asked for (`get_stage(name)`) and import torch and the like only inside the
+functions that need them: `llava-hpc --help` and `status` stay light.
 Stages never import one another: they meet in the run directory.
 """
 
@@ -24,40 +12,18 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from llava_hpc.rundir import RunDir
 
 if TYPE_CHECKING:
     from llava_hpc.config import Pipeline
 
-
-@dataclass(frozen=True)
-class StageInfo:
-    name: str
-    after: tuple[str, ...]
-    description: str
-    module: str | None  # None: not built in this version
-    checkpointable: bool = True
+# The stages in the order they run; each is the module llava_hpc/stages/<name>.py.
+ORDER = ("features", "stage1", "stage2", "generate", "judge", "report")
 
 
-STAGES: dict[str, StageInfo] = {
-    info.name: info
-    for info in (
-        StageInfo("features", (), "frozen CLIP features -> Parquet shards", "llava_hpc.stages.features"),
-        StageInfo("stage1", ("features",), "train the projector (LLM frozen)", "llava_hpc.stages.stage1"),
-        StageInfo("stage2", ("features", "stage1"), "fine-tune projector + LLM with DeepSpeed ZeRO",
-                  "llava_hpc.stages.stage2"),
-        StageInfo("generate", ("stage2",), "batched answers for every bench", "llava_hpc.stages.generate"),
-        StageInfo("judge", ("generate",), "GPT-4 (or any OpenAI-compatible) judge", "llava_hpc.stages.judge"),
-        StageInfo("report", ("generate", "judge"), "scores, tables and plots per bench", "llava_hpc.stages.report"),
-    )
-}
-ORDER = list(STAGES)
-
-
-class StageNotBuiltError(RuntimeError):
+class UnknownStageError(RuntimeError):
     pass
 
 
@@ -81,26 +47,72 @@ class StageContext:
     warnings: list[str] = field(default_factory=list)
 
 
-def built_stages() -> list[str]:
-    return [name for name in ORDER if STAGES[name].module is not None]
+def _nothing_to_say(ctx: StageContext) -> None:
+    return None
 
 
-def stage_module(name: str) -> ModuleType:
-    if name not in STAGES:
-        raise StageNotBuiltError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
-    info = STAGES[name]
-    if info.module is None:
-        raise StageNotBuiltError(
-            f"stage {name!r} ({info.description}) is not built in this version of llava-hpc; "
-            f"built stages: {', '.join(built_stages())}"
-        )
-    return importlib.import_module(info.module)
+def _no_problems(ctx: StageContext) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration. `plan`, `is_done` and `inputs_ready` take the stage's plan options as keywords (the
+    CLI's `judge --bench X` gives `benches=[X]`); a stage without options takes none."""
+
+    name: str
+    after: tuple[str, ...]  # the stages it reads from (in every pipeline, unless `needs` says otherwise)
+    plan: Callable[..., list[Task]]  # (ctx) -> the tasks still to run: one job, or an array when several
+    run: Callable[[StageContext, Task], dict]  # do one task: read inputs from, write outputs to the run directory
+    is_done: Callable[..., bool]  # (ctx) -> whether its `_SUCCESS` marker(s) exist
+    # Requeued by submitit on preemption and timeout, resuming from its own files (every stage so far can).
+    checkpointable: bool = True
+    # A short note for `status` ("37/40 shards"), or None.
+    progress: Callable[[StageContext], str | None] = _nothing_to_say
+    # What `--force` removes besides the `_SUCCESS` markers (feature shards, checkpoints), so it really runs again.
+    reset: Callable[[StageContext], None] = _nothing_to_say
+    # Problems that would make its job fail at once (a model not in the local cache, a missing key file), checked
+    # before anything is submitted.
+    preflight: Callable[[StageContext], list[str]] = _no_problems
+    # Slurm only: why it is not submitted as a job and what to run on the login side instead (the judge, where
+    # compute nodes cannot reach its endpoint), or None.
+    login_side: Callable[[StageContext], str | None] = _nothing_to_say
+    # Why this pipeline gives it nothing to do at all (no bench), or None.
+    not_applicable: Callable[[StageContext], str | None] = _nothing_to_say
+    # The stages it reads from when that depends on the pipeline (generate: stage1's model or stage2's); None: after.
+    needs: Callable[[StageContext], Sequence[str]] | None = None
+    # (ctx, parent, **options) -> whether what it reads from `parent` is there, when that is less than all of the
+    # parent (judge --bench X needs only X's answers); None: the parent's is_done.
+    inputs_ready: Callable[..., bool] | None = None
+
+    def reads_from(self, ctx: StageContext) -> tuple[str, ...]:
+        return tuple(self.needs(ctx)) if self.needs is not None else self.after
+
+    def ready_to_read(self, ctx: StageContext, parent: str, **options) -> bool:
+        if self.inputs_ready is not None:
+            return self.inputs_ready(ctx, parent, **options)
+        return get_stage(parent).is_done(ctx)
+
+    def settings(self, pipeline: Pipeline):
+        """Its `[stages.<name>]` table (None for a training stage the pipeline leaves out)."""
+        return getattr(pipeline.stages, self.name)
+
+
+def get_stage(name: str) -> Stage:
+    if name not in ORDER:
+        raise UnknownStageError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+    return importlib.import_module(f"llava_hpc.stages.{name}").STAGE
+
+
+def deal_out(items: list, max_tasks: int) -> list[list]:
+    """`items` dealt round-robin to at most `max_tasks` array tasks; one (empty) share when there are no items."""
+    count = max(1, min(max_tasks, len(items)))
+    return [items[k::count] for k in range(count)]
 
 
 def needs(name: str, ctx: StageContext) -> tuple[str, ...]:
     """The stages `name` reads from in this pipeline."""
-    module = stage_module(name) if STAGES[name].module is not None else None
-    return tuple(module.needs(ctx)) if hasattr(module, "needs") else STAGES[name].after
+    return get_stage(name).reads_from(ctx)
 
 
 def upstream(name: str, wanted: list[str], ctx: StageContext) -> list[str]:

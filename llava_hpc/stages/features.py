@@ -34,7 +34,7 @@ from llava_hpc import faults
 from llava_hpc.data.shard_layout import file_sha256, shard_name, shard_paths
 from llava_hpc.data.llava_json import DatasetFileError
 from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_jsonl
-from llava_hpc.stages import StageContext, Task
+from llava_hpc.stages import Stage, StageContext, Task, deal_out
 from llava_hpc.stages.common import (
     BadRecord,
     ImageLoader,
@@ -213,18 +213,12 @@ def plan(ctx: StageContext) -> list[Task]:
                     raise
                 ctx.warnings.append(f"features: {exc}")
             count = planned.shards
-        missing = _missing_shards(directory, count)
-        n_tasks = max(1, min(settings.array_tasks, len(missing)))
-        for k in range(n_tasks):
-            shards = missing[k::n_tasks]
-            tasks.append(
-                Task(
-                    stage="features",
-                    index=len(tasks),
-                    label=f"{dataset} {k + 1}/{n_tasks} ({len(shards)} shards)",
-                    payload={"dataset": dataset, "shards": shards},
-                )
-            )
+        shares = deal_out(_missing_shards(directory, count), settings.array_tasks)
+        tasks.extend(
+            Task(stage="features", index=len(tasks) + k, label=f"{dataset} {k + 1}/{len(shares)} ({len(shards)} shards)",
+                 payload={"dataset": dataset, "shards": shards})
+            for k, shards in enumerate(shares)
+        )
     return tasks
 
 
@@ -389,3 +383,7 @@ def progress(ctx: StageContext) -> str | None:
             total = json.loads((directory / "plan.json").read_text())["shards"]
             notes.append(f"{dataset}: {len(shard_paths(directory))}/{total} shards")
     return "; ".join(notes) or None
+
+
+STAGE = Stage(name="features", after=(), plan=plan, run=run, is_done=is_done, progress=progress, reset=reset,
+              preflight=preflight)

@@ -34,7 +34,7 @@ from llava_hpc import faults
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.eval.benches import BenchData, load_bench
 from llava_hpc.rundir import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
-from llava_hpc.stages import StageContext, Task
+from llava_hpc.stages import Stage, StageContext, Task, deal_out
 from llava_hpc.stages.common import (
     BadRecord,
     compute_device,
@@ -159,17 +159,13 @@ def plan(ctx: StageContext) -> list[Task]:
             # The model is still to be trained (a chain is queued at once), so the key is not known yet: deal every
             # chunk out; each task skips the chunks it finds done under the key of the model it loads.
             chunks = list(range(count))
-        n_tasks = max(1, min(settings.array_tasks, len(chunks)))
-        for k in range(n_tasks):
-            mine = chunks[k::n_tasks]
-            tasks.append(
-                Task(
-                    stage="generate",
-                    index=len(tasks),
-                    label=f"{name} {k + 1}/{n_tasks} ({len(mine)} chunks of {CHUNK_SIZE} questions)",
-                    payload={"bench": name, "chunks": mine},
-                )
-            )
+        shares = deal_out(chunks, settings.array_tasks)
+        tasks.extend(
+            Task(stage="generate", index=len(tasks) + k,
+                 label=f"{name} {k + 1}/{len(shares)} ({len(mine)} chunks of {CHUNK_SIZE} questions)",
+                 payload={"bench": name, "chunks": mine})
+            for k, mine in enumerate(shares)
+        )
     return tasks
 
 
@@ -409,3 +405,7 @@ def progress(ctx: StageContext) -> str | None:
             answered = sum(meta["answered"] for meta in metas if meta is not None)
             notes.append(f"{name}: {answered}/{plan_info['questions']} answers")
     return "; ".join(notes) or None
+
+
+STAGE = Stage(name="generate", after=("stage2",), plan=plan, run=run, is_done=is_done, progress=progress, reset=reset,
+              preflight=preflight, not_applicable=not_applicable, needs=needs)

@@ -63,7 +63,7 @@ from llava_hpc.eval.llava_bench import (
     user_message,
 )
 from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl, read_jsonl_objects
-from llava_hpc.stages import StageContext, Task
+from llava_hpc.stages import Stage, StageContext, Task
 from llava_hpc.stages.common import BadRecord
 
 log = logging.getLogger("llava_hpc.judge")
@@ -530,3 +530,7 @@ def dry_run_estimate(ctx: StageContext, benches: list[str] | None = None) -> dic
     Batch API (None for a model not in the price table). Sends nothing and needs no key."""
     names = [name for name in judged_benches(ctx) if benches is None or name in benches]
     return {name: _bench_estimate(ctx, name) for name in names}
+
+
+STAGE = Stage(name="judge", after=("generate",), plan=plan, run=run, is_done=is_done, progress=progress,
+              preflight=preflight, login_side=login_side, not_applicable=not_applicable, inputs_ready=inputs_ready)

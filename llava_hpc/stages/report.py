@@ -20,7 +20,7 @@ from llava_hpc.eval import exact_match, judged_report
 from llava_hpc.eval.benches import BenchData, load_bench
 from llava_hpc.eval.endpoint import judge_placement
 from llava_hpc.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
-from llava_hpc.stages import StageContext, Task
+from llava_hpc.stages import Stage, StageContext, Task
 
 log = logging.getLogger("llava_hpc.report")
 
@@ -208,3 +208,7 @@ def progress(ctx: StageContext) -> str | None:
         elif not _is_exact(ctx, name):
             notes.append(f"{name}: waits for the judge")
     return "; ".join(notes) or None
+
+
+STAGE = Stage(name="report", after=("generate", "judge"), plan=plan, run=run, is_done=is_done, progress=progress,
+              login_side=login_side, not_applicable=not_applicable, inputs_ready=inputs_ready)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llava_hpc.config import load_pipeline
 from llava_hpc.rundir import RunDir, make_private
-from llava_hpc.stages import StageContext, Task, stage_module
+from llava_hpc.stages import StageContext, Task, get_stage
 
 
 def load_context(run_dir: str | Path) -> StageContext:
@@ -33,6 +33,6 @@ def run_task(run_dir: str, task: Task) -> dict:
     ctx = load_context(run_dir)
     started = time.time()
     logging.getLogger("llava_hpc").info("stage %s task %s (%s) starting", task.stage, task.index, task.label)
-    summary = stage_module(task.stage).run(ctx, task)
+    summary = get_stage(task.stage).run(ctx, task)
     logging.getLogger("llava_hpc").info("stage %s task %s done in %.1f s: %s", task.stage, task.index, time.time() - started, summary)
     return summary

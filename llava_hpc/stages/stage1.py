@@ -4,30 +4,8 @@ caption). Writes `RUN/stage1/projector.safetensors`."""
 from __future__ import annotations
 
 from llava_hpc.stages import StageContext, Task
-from llava_hpc.stages import training
 from llava_hpc.stages.common import stage1_projector_path
-
-STAGE = "stage1"
-
-
-def plan(ctx: StageContext) -> list[Task]:
-    return training.plan(ctx, STAGE)
-
-
-def is_done(ctx: StageContext) -> bool:
-    return training.is_done(ctx, STAGE)
-
-
-def progress(ctx: StageContext) -> str | None:
-    return training.progress(ctx, STAGE)
-
-
-def preflight(ctx: StageContext) -> list[str]:
-    return training.preflight(ctx, STAGE)
-
-
-def reset(ctx: StageContext) -> None:
-    training.reset(ctx, STAGE)
+from llava_hpc.stages.training import run_training, training_stage
 
 
 def _prepare(model) -> None:
@@ -48,4 +26,7 @@ def _finish(ctx, result, model, tokenizer, env) -> dict:
 def run(ctx: StageContext, task: Task) -> dict:
     if ctx.pipeline.stages.stage1.zero_stage == 3:
         raise ValueError("stage1 trains only the projector: use zero_stage 0 or 2 (ZeRO-3 would partition a few MB)")
-    return training.run_training(ctx, STAGE, "plain", _prepare, _finish)
+    return run_training(ctx, "stage1", "plain", _prepare, _finish)
+
+
+STAGE = training_stage("stage1", after=("features",), run=run)

@@ -5,30 +5,8 @@ transformers' Llava format to `RUN/stage2/model/` (gathered from all ranks under
 from __future__ import annotations
 
 from llava_hpc.stages import StageContext, Task
-from llava_hpc.stages import training
 from llava_hpc.stages.common import llava_spec, stage1_projector_path, stage2_model_dir
-
-STAGE = "stage2"
-
-
-def plan(ctx: StageContext) -> list[Task]:
-    return training.plan(ctx, STAGE)
-
-
-def is_done(ctx: StageContext) -> bool:
-    return training.is_done(ctx, STAGE)
-
-
-def progress(ctx: StageContext) -> str | None:
-    return training.progress(ctx, STAGE)
-
-
-def preflight(ctx: StageContext) -> list[str]:
-    return training.preflight(ctx, STAGE)
-
-
-def reset(ctx: StageContext) -> None:
-    training.reset(ctx, STAGE)
+from llava_hpc.stages.training import run_training, training_stage
 
 
 def run(ctx: StageContext, task: Task) -> dict:
@@ -43,7 +21,7 @@ def run(ctx: StageContext, task: Task) -> dict:
         weight = model.multi_modal_projector.linear_1.weight
         model.multi_modal_projector = load_projector(projector_path).to(device=weight.device, dtype=weight.dtype)
 
-    return training.run_training(ctx, STAGE, ctx.pipeline.model.template, prepare, _finish)
+    return run_training(ctx, "stage2", ctx.pipeline.model.template, prepare, _finish)
 
 
 def _finish(ctx, result, model, tokenizer, env) -> dict:
@@ -70,3 +48,6 @@ def _finish(ctx, result, model, tokenizer, env) -> dict:
     target = stage2_model_dir(ctx.run)
     export_llava(full, tokenizer, full.vision_tower.image_processor, target, ctx.pipeline.model.template)
     return {"model": str(target), "parameters": sum(t.numel() for t in state.values())}
+
+
+STAGE = training_stage("stage2", after=("features", "stage1"), run=run)

@@ -1,6 +1,6 @@
 """What stage 1 and stage 2 share: building the model and the dataset from the run directory, running the
-training loop, and writing the stage's summary, plot and `_SUCCESS`. Each stage module says only what
-differs: which parameters train, where it starts from, what it writes at the end."""
+training loop, and writing the stage's summary, plot and `_SUCCESS`; `training_stage` declares either. Each stage
+module says only what differs: which parameters train, where it starts from, what it writes at the end."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import logging
 import os
 import shutil
 from collections import Counter
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from llava_hpc.config import TrainStage
 from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-from llava_hpc.stages import StageContext, Task
+from llava_hpc.stages import Stage, StageContext, Task
 from llava_hpc.stages.common import llava_spec, load_positioned_records, model_preflight, subset_positions
 
 # Planning, status and progress need none of the training machinery (torch, Arrow): `llava-hpc status` stays fast.
@@ -40,6 +41,13 @@ def settings_of(stage: TrainStage) -> TrainSettings:
         shuffle_window_shards=stage.shuffle_window_shards, log_every_steps=stage.log_every_steps,
         group_by_length=stage.group_by_length,
     )
+
+
+def training_stage(name: str, after: tuple[str, ...], run: Callable[[StageContext, Task], dict]) -> Stage:
+    """The declaration of a training stage: everything but `run` is the same for stage 1 and stage 2."""
+    return Stage(name=name, after=after, run=run, plan=partial(plan, stage=name), is_done=partial(is_done, stage=name),
+                 progress=partial(progress, stage=name), reset=partial(reset, stage=name),
+                 preflight=partial(preflight, stage=name))
 
 
 def plan(ctx: StageContext, stage: str) -> list[Task]:
