@@ -21,8 +21,9 @@ import torch
 from llava_hpc.config import load_pipeline
 from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.model.builders import SMOLLM2, LlavaSpec, LLMSpec, build_llava
-from llava_hpc.stages.common import llava_spec, synthetic_world
+from llava_hpc.stages.common import llava_spec
 from llava_hpc.stages.generate import generate_batched, length_order, prepare_prompts
+from llava_hpc.synthetic import SyntheticWorld
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml"
 
@@ -80,7 +81,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     demo = load_pipeline(DEMO, check_files=False)
-    world = synthetic_world(demo)
+    world = SyntheticWorld.from_config(demo.synthetic)
     questions = world.bench_questions()[: args.questions]
     rows = bench_model("tiny (demo)", llava_spec(demo), demo.model.template, questions, world.load_image,
                        args.batch_sizes, args.max_new_tokens)

@@ -22,9 +22,13 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from llava_hpc.config import SyntheticConfig
 
 IMAGE_TOKEN = "<image>"
 SPLITS = ("pretrain", "instruct", "bench")
@@ -166,6 +170,11 @@ class SyntheticWorld:
         self._gap = size // 16  # free columns either side of the centre line, so left/right is never ambiguous
         self._min_size = round(0.2 * size)
         self._max_size = round(0.34 * size)
+
+    @classmethod
+    def from_config(cls, config: SyntheticConfig) -> SyntheticWorld:
+        """The world a pipeline's `[synthetic]` table describes (it has the spec's fields, validated)."""
+        return cls(SyntheticSpec(**config.model_dump()))
 
     # ----- scenes and images -----
 

@@ -250,11 +250,11 @@ def test_seeded_subsets(json_pipeline, template):
     ctx = context(path)
     dataset = ctx.pipeline.datasets["pretrain"]
     dataset.max_samples = 20
-    chosen, positions = load_positioned_records("pretrain", dataset, ctx.pipeline)
+    chosen, positions = load_positioned_records("pretrain", dataset, SyntheticWorld.from_config(ctx.pipeline.synthetic))
     assert positions.tolist() == subset_positions(len(records), 20, 0).tolist()
     assert chosen == [records[p] for p in positions] and chosen != records[:20]
     dataset.subset_seed = 3
-    assert load_positioned_records("pretrain", dataset, ctx.pipeline)[0] != chosen
+    assert load_positioned_records("pretrain", dataset, SyntheticWorld.from_config(ctx.pipeline.synthetic))[0] != chosen
 
     # The stage's subset is drawn from the dataset's and recorded beside the cache.
     ctx.pipeline.stages.stage1.max_samples = 12

@@ -26,7 +26,8 @@ from llava_hpc.orchestrate import Orchestrator
 from llava_hpc.rundir import RunDir, read_jsonl
 from llava_hpc.stages import StageContext
 from llava_hpc.stages import features as features_stage
-from llava_hpc.stages.common import ImageLoader, synthetic_world, vision_spec
+from llava_hpc.stages.common import ImageLoader, vision_spec
+from llava_hpc.synthetic import SyntheticWorld
 
 
 def _orchestrator(path):
@@ -46,7 +47,7 @@ def test_synthetic_features_read_back_exactly(small_pipeline):
     assert summary["unique_images"] == summary["image_records"] == 64 and summary["dedup_ratio"] == 1.0
 
     # Recompute directly with the same tower and compare with what the shards hold, bit for bit (fp16).
-    world = synthetic_world(pipeline)
+    world = SyntheticWorld.from_config(pipeline.synthetic)
     tower = build_vision_tower(vision_spec(pipeline))
     records = world.records("pretrain")
     pixels = tower.preprocess([world.load_image(r["image"]) for r in records])
@@ -60,7 +61,7 @@ def test_synthetic_features_read_back_exactly(small_pipeline):
     shard = read_shard(shard_paths(out)[0])
     image = world.load_image(shard.images[0])
     assert shard.content_hashes[0] == features_stage.content_hash(
-        ImageLoader(pipeline.datasets["pretrain"], pipeline), shard.images[0], image)
+        ImageLoader(pipeline.datasets["pretrain"], world), shard.images[0], image)
     assert shard.content_hashes[0].startswith("rgb-sha256:")
 
     # The `datasets` library reads the same shards.

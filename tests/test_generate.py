@@ -17,7 +17,8 @@ from llava_hpc.orchestrate import Orchestrator
 from llava_hpc.rundir import RunDir, read_jsonl
 from llava_hpc.stages import StageContext
 from llava_hpc.stages import generate as generate_stage
-from llava_hpc.stages.common import BadRecord, llava_spec, load_trained_model, stage2_model_dir
+from llava_hpc.data.images import BadRecord
+from llava_hpc.stages.common import llava_spec, load_trained_model, stage2_model_dir
 
 QA90 = LLAVA_EVAL / "qa90_questions.jsonl"
 needs_qa90 = pytest.mark.skipif(not REQUIRE_EVAL_DATA and not QA90.exists(), reason=f"{QA90} is not on this machine")

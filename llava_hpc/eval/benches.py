@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llava_hpc.rundir import read_jsonl_objects
 from llava_hpc.config import Bench, Pipeline
-from llava_hpc.stages.common import BadRecord, open_image, synthetic_world
+from llava_hpc.data.images import BadRecord, open_image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -70,7 +70,9 @@ def load_bench(name: str, bench: Bench, pipeline: Pipeline) -> BenchData:
 
 
 def _synthetic_bench(name: str, pipeline: Pipeline) -> BenchData:
-    world = synthetic_world(pipeline)
+    from llava_hpc.synthetic import SyntheticWorld  # numpy and PIL: only for the synthetic bench
+
+    world = SyntheticWorld.from_config(pipeline.synthetic)
 
     def load(relative_path: str) -> Image.Image:
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llava_hpc.config import Dataset, Pipeline
+from llava_hpc.data.images import BadRecord, open_image
 from llava_hpc.data.llava_json import UnparsedLine, read_records
 # numpy, PIL, the synthetic world and the model modules (torch) are imported by the functions that use them:
 # planning and `llava-hpc status` import this module too.
@@ -41,8 +42,10 @@ def llava_spec(pipeline: Pipeline) -> LlavaSpec:
 
     model = pipeline.model
     tiny = model.tiny_llm
+    from llava_hpc.synthetic import SyntheticWorld
+
     # The tiny LLM's word-level tokenizer knows the synthetic world's words: the demo's whole language.
-    vocabulary = tuple(synthetic_world(pipeline).vocabulary()) if model.llm == "tiny" else ()
+    vocabulary = tuple(SyntheticWorld.from_config(pipeline.synthetic).vocabulary()) if model.llm == "tiny" else ()
     return LlavaSpec(
         vision=vision_spec(pipeline),
         llm=LLMSpec(name=model.llm, tiny=TinyLLMSpec(vocabulary=vocabulary, hidden_size=tiny.hidden_size,
@@ -60,35 +63,12 @@ def model_preflight(pipeline: Pipeline) -> list[str]:
     return missing_models([pipeline.model.vision_tower, pipeline.model.llm])
 
 
-def synthetic_world(pipeline: Pipeline) -> SyntheticWorld:
-    from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
-
-    s = pipeline.synthetic
-    return SyntheticWorld(
-        SyntheticSpec(
-            seed=s.seed,
-            image_size=s.image_size,
-            n_pretrain=s.n_pretrain,
-            n_instruct=s.n_instruct,
-            n_bench=s.n_bench,
-            bench_categories=tuple(s.bench_categories),
-            instruct_categories=tuple(s.instruct_categories),
-            max_count=s.max_count,
-            shuffle_images=s.shuffle_images,
-        )
-    )
-
-
 def compute_device() -> tuple[torch.device, torch.dtype]:
     import torch
 
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
     return torch.device("cpu"), torch.float32
-
-
-class BadRecord(Exception):
-    """A record that is skipped and reported: the reason names the field or the file."""
 
 
 def subset_positions(total: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -102,12 +82,12 @@ def subset_positions(total: int, max_samples: int | None, seed: int) -> np.ndarr
     return np.sort(chosen).astype(np.int64)
 
 
-def load_positioned_records(name: str, dataset: Dataset, pipeline: Pipeline) -> tuple[list, np.ndarray]:
+def load_positioned_records(name: str, dataset: Dataset, world: SyntheticWorld) -> tuple[list, np.ndarray]:
     """(records, their positions in the file): the dataset's seeded subset (`max_samples`, `subset_seed`) in file
-    order. Items are whatever the file holds: validation per record happens where a record is used, so one bad
-    record never hides the others."""
+    order; a synthetic dataset's records come from `world`. Items are whatever the file holds: validation per record
+    happens where a record is used, so one bad record never hides the others."""
     if dataset.kind == "synthetic":
-        records = synthetic_world(pipeline).records(dataset.split)
+        records = world.records(dataset.split)
     else:
         records = read_records(dataset.path, name)
     positions = subset_positions(len(records), dataset.max_samples, dataset.subset_seed)
@@ -144,8 +124,8 @@ def image_record(record, position: int) -> ImageRecord | None:
 class ImageLoader:
     """Opens a dataset's images: files under an image root, or renders of the synthetic world."""
 
-    def __init__(self, dataset: Dataset, pipeline: Pipeline):
-        self.world = synthetic_world(pipeline) if dataset.kind == "synthetic" else None
+    def __init__(self, dataset: Dataset, world: SyntheticWorld):
+        self.world = world if dataset.kind == "synthetic" else None
         self.root = None if dataset.images is None else Path(dataset.images).resolve()
 
     def load(self, relative: str) -> Image.Image:
@@ -158,30 +138,6 @@ class ImageLoader:
             return open_image(self.root, [relative])
         except FileNotFoundError as exc:  # a training record with no image is skipped and reported, like a bad one
             raise BadRecord(str(exc)) from None
-
-
-def open_image(root: Path, candidates: list[str]) -> Image.Image:
-    """The first candidate name that exists under `root`, decoded as RGB. A name that resolves outside `root`
-    (`..`, an absolute path, a symlink out) or a file that does not decode is a BadRecord; none existing is
-    FileNotFoundError naming every path tried."""
-    from PIL import Image, UnidentifiedImageError
-
-    root = Path(root).resolve()
-    tried = []
-    for relative in candidates:
-        path = (root / relative).resolve()
-        if not path.is_relative_to(root):
-            raise BadRecord(f"image path {relative!r} escapes the image root {root}")
-        if path.is_file():
-            try:
-                with Image.open(path) as image:
-                    image.load()
-                    return image.convert("RGB")
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                raise BadRecord(f"corrupt image {path}: {exc}") from None
-        tried.append(str(path))
-    also = f" (also tried {', '.join(tried[1:])})" if len(tried) > 1 else ""
-    raise FileNotFoundError(f"image file missing: {tried[0]}{also}")
 
 
 def stage1_projector_path(run) -> Path:

@@ -35,8 +35,8 @@ from llava_hpc.data.shard_layout import file_sha256, shard_name, shard_paths
 from llava_hpc.data.llava_json import DatasetFileError
 from llava_hpc.rundir import append_jsonl, atomic_path, atomic_write_json, atomic_write_jsonl
 from llava_hpc.stages import Stage, StageContext, Task, deal_out
+from llava_hpc.data.images import BadRecord
 from llava_hpc.stages.common import (
-    BadRecord,
     ImageLoader,
     compute_device,
     image_record,
@@ -47,6 +47,8 @@ from llava_hpc.stages.common import (
 
 if TYPE_CHECKING:  # numpy, PIL, pyarrow and torch are imported where shards are made: status stays light
     from PIL import Image
+
+    from llava_hpc.synthetic import SyntheticWorld
 
 log = logging.getLogger("llava_hpc.features")
 
@@ -116,7 +118,7 @@ def shard_order_key(seed: int, image: str) -> str:
 def dataset_plan(ctx: StageContext, dataset: str) -> DatasetPlan:
     settings = ctx.pipeline.stages.features
     # Positions are places in the file (not in a max_samples subset): what a user opens the file at.
-    records, positions = load_positioned_records(dataset, ctx.pipeline.datasets[dataset], ctx.pipeline)
+    records, positions = load_positioned_records(dataset, ctx.pipeline.datasets[dataset], _world(ctx))
     references: dict[str, list[str]] = {}
     malformed: list[dict] = []
     text_only = image_records = 0
@@ -137,6 +139,12 @@ def dataset_plan(ctx: StageContext, dataset: str) -> DatasetPlan:
     order = sorted(references, key=lambda image: (shard_order_key(settings.seed, image), image))
     return DatasetPlan(settings.seed, settings.shard_size, order, references, malformed, len(records),
                        image_records, text_only)
+
+
+def _world(ctx: StageContext) -> SyntheticWorld:
+    from llava_hpc.synthetic import SyntheticWorld
+
+    return SyntheticWorld.from_config(ctx.pipeline.synthetic)
 
 
 def _shard_count(n_items: int, shard_size: int) -> int:
@@ -291,7 +299,7 @@ def run(ctx: StageContext, task: Task) -> dict:
     planned = dataset_plan(ctx, dataset)
     _check_plan_unchanged(directory, planned)
     _write_plan(directory, planned)
-    loader = ImageLoader(ctx.pipeline.datasets[dataset], ctx.pipeline)
+    loader = ImageLoader(ctx.pipeline.datasets[dataset], _world(ctx))
     device, dtype = compute_device()
     tower = build_vision_tower(vision_spec(ctx.pipeline), device=device, dtype=dtype)
     workers = int(os.environ.get("SLURM_CPUS_PER_TASK", "2"))

@@ -35,8 +35,8 @@ from llava_hpc.data.templates import ConversationTemplate
 from llava_hpc.eval.benches import BenchData, load_bench
 from llava_hpc.rundir import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from llava_hpc.stages import Stage, StageContext, Task, deal_out
+from llava_hpc.data.images import BadRecord
 from llava_hpc.stages.common import (
-    BadRecord,
     compute_device,
     load_trained_model,
     model_preflight,

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_hpc.data.images import BadRecord
 from llava_hpc.eval.benches import load_bench
 from llava_hpc.eval.endpoint import job_key_problem, judge_placement, key_from_file
 from llava_hpc.eval.judge import (
@@ -64,7 +65,6 @@ from llava_hpc.eval.llava_bench import (
 )
 from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl, read_jsonl_objects
 from llava_hpc.stages import Stage, StageContext, Task
-from llava_hpc.stages.common import BadRecord
 
 log = logging.getLogger("llava_hpc.judge")
 

@@ -122,6 +122,7 @@ def build_cache(ctx: StageContext, stage: str, cache: EncodedCache, template: Co
                 settings: EncodeSettings, env: distributed.DistributedEnv) -> None:
     """Collective: unless the cache is complete, every rank encodes its share (with a pool of its CPUs), then rank 0
     publishes it. A failure on any rank fails every rank with its message, never a hang at a barrier."""
+    from llava_hpc.synthetic import SyntheticWorld
     from llava_hpc.train import distributed
 
     # One decision for all ranks: a cache published by another job between two ranks' checks must not split them.
@@ -133,7 +134,8 @@ def build_cache(ctx: StageContext, stage: str, cache: EncodedCache, template: Co
     source = str(dataset.path) if dataset.path else f"synthetic {dataset.split}"
     failure, subset = None, None
     try:
-        records, positions = load_positioned_records(config.dataset, dataset, ctx.pipeline)
+        world = SyntheticWorld.from_config(ctx.pipeline.synthetic)
+        records, positions = load_positioned_records(config.dataset, dataset, world)
         if config.max_samples is not None:  # the stage's own subset, drawn from the dataset's
             chosen = subset_positions(len(records), config.max_samples, dataset.subset_seed)
             records, positions = [records[i] for i in chosen], positions[chosen]
