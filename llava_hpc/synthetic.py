@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
+from llava_hpc.rundir import atomic_write_bytes
+
 if TYPE_CHECKING:
     from llava_hpc.config import SyntheticConfig
 
@@ -383,7 +385,7 @@ class SyntheticWorld:
             buffer = io.BytesIO()
             self.image(split, index).save(buffer, format="PNG")
             path = root / self.image_path(split, index)
-            _atomic_write(path, buffer.getvalue())
+            atomic_write_bytes(path, buffer.getvalue())
             paths.append(path)
         return paths
 
@@ -400,10 +402,10 @@ class SyntheticWorld:
             "spec": root / "spec.json",
         }
         for split in TRAINING_SPLITS:
-            _atomic_write(paths[split], json.dumps(self.records(split)).encode())
+            atomic_write_bytes(paths[split], json.dumps(self.records(split)).encode())
         bench_lines = "".join(json.dumps(question) + "\n" for question in self.bench_questions())
-        _atomic_write(paths["bench"], bench_lines.encode())
-        _atomic_write(paths["spec"], json.dumps(asdict(self.spec), indent=2).encode())
+        atomic_write_bytes(paths["bench"], bench_lines.encode())
+        atomic_write_bytes(paths["spec"], json.dumps(asdict(self.spec), indent=2).encode())
         for split in SPLITS:
             paths[f"{split}_images"] = root / split
         return paths
@@ -454,9 +456,3 @@ def _question(category: str, scene: Scene, rng: np.random.Generator) -> str:
     templates = QUESTION_TEMPLATES[category]
     return templates[rng.integers(len(templates))].format(**(SINGULAR if scene.count == 1 else PLURAL))
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A per-process temporary name: array tasks may write into the same folder at once.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

@@ -75,7 +75,8 @@ if str(REPO) not in sys.path:  # runs from a bare checkout: the GPU machine has 
     sys.path.insert(0, str(REPO))
 
 from llava_hpc.data.datasets import Collator, file_image_loader  # noqa: E402
-from llava_hpc.model.llava import IGNORE_INDEX, LlavaForCausalLM, LlavaMultiModalProjector  # noqa: E402
+from llava_hpc.data.templates import IGNORE_INDEX  # noqa: E402
+from llava_hpc.model.llava import LlavaForCausalLM, LlavaMultiModalProjector  # noqa: E402
 from llava_hpc.model.vision import VisionTower  # noqa: E402
 from llava_hpc.train import distributed  # noqa: E402
 from llava_hpc.train.loop import DeepSpeedEngine, TorchEngine, TrainSettings  # noqa: E402

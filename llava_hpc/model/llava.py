@@ -23,7 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-IGNORE_INDEX = -100
+from llava_hpc.data.templates import IGNORE_INDEX
+from llava_hpc.rundir import atomic_path
+
 PROJECTORS = ("linear", "mlp2x_gelu")
 
 
@@ -61,13 +63,8 @@ def save_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike)
     }
     # One key: safetensors writes its metadata map in hash order, so several keys make the bytes differ run to run.
     metadata = {PROJECTOR_METADATA_KEY: json.dumps(description, sort_keys=True)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:  # a crash or a full disk never leaves half a projector behind
         save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # a full disk must not leave half a projector behind
-        raise
 
 
 def load_projector(path: str | os.PathLike) -> LlavaMultiModalProjector:

@@ -63,7 +63,7 @@ from llava_hpc.eval.llava_bench import (
     rule_for,
     user_message,
 )
-from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl, read_jsonl_objects
+from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl_objects
 from llava_hpc.stages import Stage, StageContext, Task
 
 log = logging.getLogger("llava_hpc.judge")
@@ -450,13 +450,6 @@ def _judge(ctx: StageContext, job: BenchJudging, answers: dict, asker: CachedAsk
              bench_name, summary["scores"]["all"]["relative_score"], summary["n"], summary["parse_failures"],
              job.config.model, asker.sent, asker.from_cache)
     return summary
-
-
-def read_reviews(ctx: StageContext, bench: str) -> tuple[list[dict], list[dict] | None]:
-    """(reviews, baseline reviews or None) of a judged bench, for the report stage."""
-    directory = output_dir(ctx, bench)
-    baseline_path = directory / "baseline_reviews.jsonl"
-    return read_jsonl(directory / "reviews.jsonl"), (read_jsonl(baseline_path) if baseline_path.exists() else None)
 
 
 # ---------------------------------------------------------------------------------------------- dry run

@@ -49,8 +49,7 @@ from llava_hpc.train import distributed
 
 log = logging.getLogger("llava_hpc.train")
 
-# Fault-injection aids for tests: exit the process (as a kill would) right after this optimizer step; sleep
-# after every step (so a test can preempt or time out a run of a few seconds mid-way).
+# Written last into a checkpoint folder, by rank 0 once every rank has saved: only a folder with it is resumed from.
 COMPLETE = "_COMPLETE"
 
 
