@@ -8,6 +8,7 @@ calling process, for tests and debuggers).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
-from submitit.core import logger as submitit_logger
 from submitit.helpers import Checkpointable
 
 from llava_hpc import checkpoint_signal
@@ -59,7 +59,8 @@ def _requeue_surviving_its_own_kill(env, countdown: int) -> None:
         subprocess.check_call(["scontrol", "requeue", env.job_id], timeout=60)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    submitit_logger.get_logger().info(f"Requeued job {env.job_id} ({countdown} remaining timeouts; scontrol ran with SIGTERM ignored)")
+    logging.getLogger("submitit").info(f"Requeued job {env.job_id} ({countdown} remaining timeouts; scontrol ran with "
+                                       "SIGTERM ignored)")
 
 
 def harden_requeue() -> None:
@@ -70,7 +71,8 @@ def harden_requeue() -> None:
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit's sbatch script exports it
         return
     # Private in submitit (as is the dry run's submission text, in sbatch_script): it has no hook for how a job
-    # requeues itself.
+    # requeues itself. Its signal handler calls `env._requeue(countdown)`; test_scheduler.py pins that, so a submitit
+    # that changes it fails a unit test instead of a preempted job.
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     SlurmJobEnvironment._requeue = _requeue_surviving_its_own_kill
@@ -348,8 +350,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ logs
     def log_paths(self, submission: Submission, position: int = 0) -> tuple[Path, Path]:
-        job_id = submission.job_ids[position]
-        paths = submitit.core.utils.JobPaths(submission.log_folder, job_id=job_id, task_id=0)
+        paths = _job_paths(submission.log_folder, submission.job_ids[position])
         return paths.stdout, paths.stderr
 
     # ------------------------------------------------------------------------------------------ status
@@ -429,7 +430,7 @@ class Scheduler:
         """Local and debug jobs have no accounting: read submitit's result file, else ask whether the pid lives."""
         job_id = submission.job_ids[position]
         entry = TaskState(job_id)
-        paths = submitit.core.utils.JobPaths(submission.log_folder, job_id=job_id, task_id=0)
+        paths = _job_paths(submission.log_folder, job_id)
         if not Path(submission.log_folder).resolve().is_relative_to(self.run.root.resolve()):
             # jobs.jsonl is only a text file: a log folder it names outside the run directory (a moved run, an
             # edited file) is never unpickled
@@ -474,6 +475,11 @@ class Scheduler:
                         os.kill(int(job_id), signal.SIGINT)
                         cancelled.append(job_id)
         return cancelled
+
+
+def _job_paths(folder: str, job_id: str):
+    """Where submitit keeps a job's logs and result, through its public Job (the job itself is not contacted)."""
+    return submitit.Job(folder, job_id).paths
 
 
 def _require_slurm() -> None:

@@ -233,3 +233,19 @@ def test_local_tasks_have_elapsed_time_and_gpu_hours_once_finished(tmp_path):
     assert state.state == "COMPLETED" and state.elapsed_s == 75 and state.gpu_seconds == 150
     row = summarize("stage1", sub, {"4242": state}, done=True)
     assert row.state == "done" and row.elapsed_s == 75 and abs(row.gpu_hours - 150 / 3600) < 1e-9
+
+
+def test_submitit_still_has_the_private_names_the_scheduler_relies_on():
+    """submitit has no public hook for how a job requeues itself nor for rendering an sbatch script without
+    submitting, so `harden_requeue` replaces `SlurmJobEnvironment._requeue` and `sbatch_script` calls the executor's
+    own text builder. If submitit renames them or stops calling `_requeue` from its signal handler, fail here, not in
+    a preempted job."""
+    import inspect
+
+    from submitit.core.job_environment import SignalHandler
+    from submitit.slurm.slurm import SlurmExecutor, SlurmJobEnvironment
+
+    assert list(inspect.signature(SlurmJobEnvironment._requeue).parameters) == ["self", "countdown"]
+    assert "self.env._requeue(countdown)" in inspect.getsource(SignalHandler.checkpoint_and_try_requeue)
+    assert list(inspect.signature(SlurmExecutor._make_submission_file_text).parameters) == ["self", "command", "uid"]
+    assert isinstance(inspect.getattr_static(SlurmExecutor, "_submitit_command_str"), property)
