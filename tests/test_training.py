@@ -176,3 +176,12 @@ def test_progress_rate_and_eta_come_from_the_current_attempt(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = progress(SimpleNamespace(run=run), "stage2")
     assert text == "step 40/100, 0.50 steps/s, ETA 0:02:00, loss 1.500", text
+
+
+def test_the_stage_table_holds_every_training_setting():
+    """The loop's TrainSettings are built from the [stages.stageN] table's fields of the same names."""
+    import dataclasses
+
+    from llava_hpc.config import TrainStage
+
+    assert {f.name for f in dataclasses.fields(TrainSettings)} <= set(TrainStage.model_fields)

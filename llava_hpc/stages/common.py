@@ -41,16 +41,13 @@ def llava_spec(pipeline: Pipeline) -> LlavaSpec:
     from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec
 
     model = pipeline.model
-    tiny = model.tiny_llm
     from llava_hpc.synthetic import SyntheticWorld
 
     # The tiny LLM's word-level tokenizer knows the synthetic world's words: the demo's whole language.
     vocabulary = tuple(SyntheticWorld.from_config(pipeline.synthetic).vocabulary()) if model.llm == "tiny" else ()
     return LlavaSpec(
         vision=vision_spec(pipeline),
-        llm=LLMSpec(name=model.llm, tiny=TinyLLMSpec(vocabulary=vocabulary, hidden_size=tiny.hidden_size,
-                                                    intermediate_size=tiny.intermediate_size, layers=tiny.layers,
-                                                    heads=tiny.heads, seed=tiny.seed)),
+        llm=LLMSpec(name=model.llm, tiny=TinyLLMSpec(vocabulary=vocabulary, **model.tiny_llm.model_dump())),
         projector=model.projector,
         max_length=model.max_length,
     )

@@ -4,6 +4,7 @@ module says only what differs: which parameters train, where it starts from, wha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,24 +24,8 @@ if TYPE_CHECKING:
     from llava_hpc.data.encoded import EncodedCache, EncodeSettings
     from llava_hpc.data.templates import ConversationTemplate
     from llava_hpc.train import distributed
-    from llava_hpc.train.loop import TrainSettings
 
 log = logging.getLogger("llava_hpc.train")
-
-
-def settings_of(stage: TrainStage) -> TrainSettings:
-    from llava_hpc.train.loop import TrainSettings
-
-    return TrainSettings(
-        batch_size=stage.batch_size, grad_accum=stage.grad_accum, lr=stage.lr, warmup_ratio=stage.warmup_ratio,
-        weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm, epochs=stage.epochs,
-        max_steps=stage.max_steps, seed=stage.seed, precision=stage.precision,
-        gradient_checkpointing=stage.gradient_checkpointing, save_every_steps=stage.save_every_steps,
-        keep_checkpoints=stage.keep_checkpoints, zero_stage=stage.zero_stage,
-        offload_optimizer=stage.offload_optimizer, offload_params=stage.offload_params,
-        shuffle_window_shards=stage.shuffle_window_shards, log_every_steps=stage.log_every_steps,
-        group_by_length=stage.group_by_length,
-    )
 
 
 def training_stage(name: str, after: tuple[str, ...], run: Callable[[StageContext, Task], dict]) -> Stage:
@@ -209,10 +194,11 @@ def run_training(
     from llava_hpc.data.templates import ConversationTemplate
     from llava_hpc.model.builders import build_llava
     from llava_hpc.train import distributed
-    from llava_hpc.train.loop import TrainResult, plot_loss, train
+    from llava_hpc.train.loop import TrainResult, TrainSettings, plot_loss, train
 
     config: TrainStage = getattr(ctx.pipeline.stages, stage)
-    settings = settings_of(config)
+    # The loop's settings are the stage table's fields of the same names (the table adds data and Slurm choices).
+    settings = TrainSettings(**config.model_dump(include={f.name for f in dataclasses.fields(TrainSettings)}))
     out_dir = ctx.run.stage_dir(stage)
     env = distributed.environment()
     device = distributed.setup(env)
