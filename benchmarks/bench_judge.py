@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from openai_stub import OpenAIStub  # noqa: E402  (the test server lives with the tests)
 
 from llava_hpc.config import load_pipeline  # noqa: E402
+from llava_hpc.eval.bench_judging import BenchJudging, read_candidate_answers  # noqa: E402
 from llava_hpc.eval.benches import load_bench  # noqa: E402
 from llava_hpc.eval.judge import PRICES_PER_MILLION  # noqa: E402
+from llava_hpc.eval.judge_estimate import dry_run_estimate  # noqa: E402
 from llava_hpc.eval.judge_transport import SyncTransport, make_client  # noqa: E402
 from llava_hpc.rundir import RunDir, atomic_write_jsonl  # noqa: E402
 from llava_hpc.stages import StageContext  # noqa: E402
-from llava_hpc.stages import judge as judge_stage  # noqa: E402
 
 BENCH = "llava-bench"
 PRICED_MODELS = ["gpt-4o-2024-11-20", "gpt-4o-mini", "gpt-4.1", "gpt-4-turbo"]
@@ -72,10 +73,10 @@ def throughput(data: Path, latency_s: float) -> list[tuple[int, float]]:
         stub.script.latency_s = latency_s
         ctx = coco_context(Path(tmp), data, base_url=stub.url)
         made_up_answers(ctx)
-        job = judge_stage.BenchJudging(ctx, BENCH)
-        answers = judge_stage.read_candidate_answers(ctx.run.stage_dir("generate") / BENCH / "answers.jsonl",
-                                                     {q["question_id"] for q in job.data.questions})
-        requests = [item.request(job.settings, 1) for item in job.items(answers, job.table_references)]
+        judging = BenchJudging(ctx.pipeline, ctx.run, BENCH)
+        answers = read_candidate_answers(ctx.run.stage_dir("generate") / BENCH / "answers.jsonl",
+                                         {q["question_id"] for q in judging.data.questions})
+        requests = [item.request(judging.settings, 1) for item in judging.items(answers, judging.table_references)]
         client = make_client(stub.url, "sk-bench", max_retries=2, timeout_s=30)
         rows = []
         for concurrency in (1, 8, 16):
@@ -101,7 +102,7 @@ def cost_rows(data: Path) -> list[dict]:
                 if include_image:
                     stand_in_images(root, ctx)
                 made_up_answers(ctx)
-                total = judge_stage.dry_run_estimate(ctx)[BENCH]["total"]
+                total = dry_run_estimate(ctx.pipeline, ctx.run)[BENCH]["total"]
                 rows.append({"model": model, "include_image": include_image, **total})
     return rows
 

@@ -481,20 +481,20 @@ def judge(
     bench is judged here its report is written too. The key is read from the environment variable named by
     judge.api_key_env (a job reads judge.api_key_file); it is never written into the run directory or given to sbatch.
     Replies are cached by content: rerunning never pays twice for the same judgement."""
-    from llava_hpc.stages import StageContext
-
     pipeline_obj, run = _load(pipeline, run_dir)
     if bench is not None and bench not in pipeline_obj.benches:
         _fail(f"no bench {bench!r} in the pipeline; benches: {', '.join(pipeline_obj.benches) or 'none'}")
+    from llava_hpc.eval.bench_judging import AnswersFileError, judge_dir
+    from llava_hpc.eval.benches import judged_benches
     from llava_hpc.eval.endpoint import judge_placement
-    from llava_hpc.stages import judge as judge_stage
 
-    ctx = StageContext(pipeline_obj, run)
     names = [bench] if bench else None
-    if bench is not None and bench not in judge_stage.judged_benches(ctx):
+    if bench is not None and bench not in judged_benches(pipeline_obj):
         _fail(f"bench {bench!r} ({pipeline_obj.benches[bench].kind}) needs no judge: it is scored by exact match")
     if dry_run:
-        _print_estimate(judge_stage.dry_run_estimate(ctx, names))
+        from llava_hpc.eval.judge_estimate import dry_run_estimate
+
+        _print_estimate(dry_run_estimate(pipeline_obj, run, names))
         return
     where = executor or pipeline_obj.executor
     placement = judge_placement(pipeline_obj)
@@ -509,18 +509,19 @@ def judge(
     wait = (not batch or where != "slurm") if wait is None else wait
     make_private()
     from llava_hpc.eval.judge_transport import JudgeTransportError, MissingApiKeyError
+    from llava_hpc.eval.judging import JudgeIncompleteError, judge_bench
 
     pending = False
-    for name in names or judge_stage.judged_benches(ctx):
-        if run.is_done(judge_stage.output_dir(ctx, name)) and not force:
+    for name in names or judged_benches(pipeline_obj):
+        if run.is_done(judge_dir(run, name)) and not force:
             console.print(f"{name}: already judged (--force to judge again)", highlight=False)
             continue
-        if collect and batch and not (judge_stage.output_dir(ctx, name) / "batches.json").exists():
+        if collect and batch and not (judge_dir(run, name) / "batches.json").exists():
             _fail(f"{name}: nothing to collect: no batch was submitted for it; run `llava-hpc judge --bench {name}`")
         try:
-            summary = judge_stage.judge_bench(ctx, name, local=True, wait=wait and not collect)
-        except (MissingApiKeyError, JudgeTransportError, judge_stage.JudgeIncompleteError,
-                judge_stage.AnswersFileError, FileNotFoundError, ValueError) as exc:
+            summary = judge_bench(pipeline_obj, run, name, local=True, wait=wait and not collect)
+        except (MissingApiKeyError, JudgeTransportError, JudgeIncompleteError, AnswersFileError,
+                FileNotFoundError, ValueError) as exc:
             _fail(f"{name}: {exc}", code=1)
         if "pending" in summary:
             pending = True

@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from llava_hpc import PIPELINE_ENV
+from llava_hpc.eval.benches import BENCH_KINDS
 from llava_hpc.stages import ORDER
 
 DEFAULT_PIPELINE = "pipeline.toml"
@@ -356,7 +357,7 @@ Stages = create_model(
 
 # ---------------------------------------------------------------------------------------------- evaluation
 class Bench(Strict):
-    kind: Literal["llava-bench-coco", "llava-bench-wild", "folder", "synthetic"]
+    kind: Literal[tuple(BENCH_KINDS)]  # declared in llava_hpc.eval.benches
     questions: ExistingPath | None = None
     answers: ExistingPath | None = Field(None, description="reference answers (GPT-4's for LLaVA-Bench)")
     context: ExistingPath | None = None
@@ -367,13 +368,7 @@ class Bench(Strict):
 
     @model_validator(mode="after")
     def _fields_for_kind(self):
-        needed = {
-            "llava-bench-coco": ("questions", "answers", "context", "rules", "images"),
-            "llava-bench-wild": ("questions", "answers", "context", "rules", "images"),
-            "folder": ("images", "question"),
-            "synthetic": (),
-        }[self.kind]
-        missing = [name for name in needed if getattr(self, name) is None]
+        missing = [name for name in BENCH_KINDS[self.kind].needs if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.kind} bench needs {', '.join(missing)}")
         return self

@@ -11,6 +11,7 @@ from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA
 from PIL import Image
 
 from llava_hpc.eval import llava_bench
+from llava_hpc.eval.benches import BENCH_KINDS
 from llava_hpc.eval.judge import JudgeItem, JudgeSettings, image_tokens
 from llava_hpc.eval.judged_report import summarize_reviews, write_report
 
@@ -74,12 +75,12 @@ def test_coco_judge_requests_match_the_reference_on_all_90_questions():
     gpt4 = jsonl(LLAVA_EVAL / "qa90_gpt4_answer.jsonl")
     contexts = {c["image"]: c for c in jsonl(LLAVA_EVAL / "caps_boxes_coco2014_val_80.jsonl")}
     rules = json.loads((LLAVA_EVAL / "rule.json").read_text())
-    ours_contexts = llava_bench.read_contexts(LLAVA_EVAL / "caps_boxes_coco2014_val_80.jsonl", "llava-bench-coco")
+    ours_contexts = llava_bench.read_contexts(LLAVA_EVAL / "caps_boxes_coco2014_val_80.jsonl", llava_bench.coco_context)
     ours_references = llava_bench.read_reference_answers(LLAVA_EVAL / "qa90_gpt4_answer.jsonl")
     settings = JudgeSettings("gpt-4o-2024-11-20", 0.2, 1024)
     for question, answer1 in zip(questions, gpt4):
         candidate = {"text": f"A made-up answer to question {question['question_id']}.", "answer_id": "c"}
-        rule = llava_bench.rule_for(rules, "rule.json", "llava-bench-coco", question["category"])
+        rule = BENCH_KINDS["llava-bench-coco"].rule(rules, "rule.json", question["category"])
         content = llava_bench.judge_content(ours_contexts[question["image"]], question["text"],
                                             ours_references[question["question_id"]]["text"], candidate["text"], rule)
         assert content == reference_coco_content(question, answer1, candidate, contexts[question["image"]],
@@ -105,14 +106,14 @@ def test_in_the_wild_context_rules_and_category(tmp_path):
     context = tmp_path / "context.jsonl"
     context.write_text(json.dumps({"id": "001", "image": "001.jpg", "caption": "A ramen bowl.\nChopsticks."}) + "\n"
                        + json.dumps({"id": "002", "image": "002.jpg", "caption": ["Line one.", "Line two."]}) + "\n")
-    contexts = llava_bench.read_contexts(context, "llava-bench-wild")
+    contexts = llava_bench.read_contexts(context, llava_bench.wild_context)
     assert contexts == {"001.jpg": "A ramen bowl.\nChopsticks.", "002.jpg": "Line one.\nLine two."}
     rules = llava_bench.read_rules(LLAVA_EVAL / "rule.json")
-    assert llava_bench.review_category("llava-bench-wild", "complex") == "llava_bench_complex"
-    rule = llava_bench.rule_for(rules, "rule.json", "llava-bench-wild", "complex")
+    assert BENCH_KINDS["llava-bench-wild"].review_category("complex") == "llava_bench_complex"
+    rule = BENCH_KINDS["llava-bench-wild"].rule(rules, "rule.json", "complex")
     assert rule == rules["llava_bench_complex"]
     with pytest.raises(llava_bench.BenchTableError, match="rule.json: no rule for category 'llava_bench_poetry'"):
-        llava_bench.rule_for(rules, "rule.json", "llava-bench-wild", "poetry")
+        BENCH_KINDS["llava-bench-wild"].rule(rules, "rule.json", "poetry")
 
 
 def test_include_image_puts_a_jpeg_data_url_beside_the_same_text():
@@ -136,7 +137,7 @@ def test_unreadable_tables_name_the_file_and_line(tmp_path):
     context = tmp_path / "caps.jsonl"
     context.write_text('{"image": "a.jpg", "captions": ["c"]}\n')
     with pytest.raises(llava_bench.BenchTableError, match=r"caps.jsonl:1: context record has no 'instances' field"):
-        llava_bench.read_contexts(context, "llava-bench-coco")
+        llava_bench.read_contexts(context, llava_bench.coco_context)
 
 
 # ---------------------------------------------------------------------------------------------- summary arithmetic

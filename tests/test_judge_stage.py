@@ -16,10 +16,12 @@ from openai_stub import OpenAIStub, question_of, user_text
 from PIL import Image
 
 from llava_hpc.config import load_pipeline
+from llava_hpc.eval import judging
+from llava_hpc.eval.bench_judging import AnswersFileError
+from llava_hpc.eval.judge_estimate import dry_run_estimate
 from llava_hpc.eval.judge_transport import MissingApiKeyError
 from llava_hpc.rundir import RunDir, atomic_write_jsonl, atomic_write_text, read_jsonl
 from llava_hpc.stages import StageContext
-from llava_hpc.stages import judge as judge_stage
 
 needs_tables = pytest.mark.skipif(not REQUIRE_EVAL_DATA and not (LLAVA_EVAL / "qa90_questions.jsonl").exists(),
                                   reason=f"{LLAVA_EVAL} is not here")
@@ -94,7 +96,7 @@ def test_coco_bench_reviews_summary_and_key_hygiene(tmp_path, stub, caplog):
     caplog.set_level("DEBUG")
     ctx = coco_context(tmp_path, stub)
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()])
-    summary = judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    summary = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
 
     directory = judge_dir(ctx)
     reviews = read_jsonl(directory / "reviews.jsonl")
@@ -122,10 +124,10 @@ def test_coco_bench_reviews_summary_and_key_hygiene(tmp_path, stub, caplog):
 def test_second_run_is_served_by_the_cache(tmp_path, stub, monkeypatch):
     ctx = coco_context(tmp_path, stub)
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()])
-    first = judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    first = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     stub.reset_log()
     monkeypatch.delenv(KEY_ENV)  # a fully cached rerun needs no key at all
-    second = judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    second = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     assert stub.log == []
     assert (second["requests_sent"], second["requests_from_cache"]) == (0, 90)
     assert second["scores"] == first["scores"] and second["cost_usd"] == first["cost_usd"]
@@ -146,7 +148,7 @@ def test_unreadable_reply_is_asked_again_once_then_counted_as_a_parse_failure(tm
     stub.script.reply = reply
     ctx = coco_context(tmp_path, stub)
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in questions])
-    summary = judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    summary = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     reviews = {r["question_id"]: r for r in read_jsonl(judge_dir(ctx) / "reviews.jsonl")}
     assert reviews[0]["attempts"] == 2 and reviews[0]["tuple"] == [8.0, 6.0]
     assert reviews[1]["attempts"] == 2 and reviews[1]["tuple"] is None
@@ -160,11 +162,11 @@ def test_transport_failures_fail_the_task_and_a_rerun_sends_only_those(tmp_path,
     ctx = coco_context(tmp_path, stub, max_retries=0, max_concurrency=1)
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()])
     stub.script.actions.extend(["ok"] * 10 + ["500", "500"])
-    with pytest.raises(judge_stage.JudgeIncompleteError, match="2 judge requests failed"):
-        judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    with pytest.raises(judging.JudgeIncompleteError, match="2 judge requests failed"):
+        judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     assert not (judge_dir(ctx) / "_SUCCESS").exists()
     stub.reset_log()
-    summary = judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    summary = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     assert summary["requests_sent"] == 2 and len(stub.chat_log()) == 2
 
 
@@ -177,11 +179,11 @@ def test_missing_key_and_bad_answers_are_named(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     fake_generate(ctx, "llava-bench", [0, 1])
     with pytest.raises(MissingApiKeyError, match=f"export {KEY_ENV} in this shell"):
-        judge_stage.judge_bench(ctx, "llava-bench", local=True)
+        judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     answers = ctx.run.stage_dir("generate") / "llava-bench" / "answers.jsonl"
     answers.write_text('{"question_id": 0, "text": "ok"}\n{"text": "which question?"}\n')
-    with pytest.raises(judge_stage.AnswersFileError, match=r"answers.jsonl:2: answer has no 'question_id' field"):
-        judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    with pytest.raises(AnswersFileError, match=r"answers.jsonl:2: answer has no 'question_id' field"):
+        judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -189,8 +191,9 @@ def start_judge_job(ctx: StageContext, extra_env: dict | None = None) -> subproc
     """The judge task as a job runs it, in its own process."""
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
             "from llava_hpc.stages.runner import load_context\n"
-            "from llava_hpc.stages.judge import judge_bench\n"
-            f"judge_bench(load_context({str(ctx.run.root)!r}), 'llava-bench', local=False)\n")
+            "from llava_hpc.eval.judging import judge_bench\n"
+            f"ctx = load_context({str(ctx.run.root)!r})\n"
+            "judge_bench(ctx.pipeline, ctx.run, 'llava-bench', local=False)\n")
     env = {**os.environ, KEY_ENV: KEY, **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -226,7 +229,7 @@ def test_killed_sync_job_resumes_without_paying_twice(tmp_path, stub):
     assert 30 <= answered_before < 90 and not (judge_dir(ctx) / "_SUCCESS").exists()
 
     stub.script.hold_after = None
-    summary = judge_stage.judge_bench(ctx, "llava-bench", local=False)
+    summary = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=False)
     answered = stub.answered_keys()
     assert len(answered) == len(set(answered)) == 90  # every judgement paid for exactly once
     assert summary["requests_sent"] == 90 - answered_before and summary["n"] == 90
@@ -239,14 +242,14 @@ def test_killed_batch_job_polls_the_same_batch_again(tmp_path, stub, monkeypatch
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()])
     state = judge_dir(ctx) / "batches.json"
     stub.script.batch_polls = 10**9  # the batch stays in progress until the test says otherwise
-    job = start_judge_job(ctx, {judge_stage.BATCH_POLL_ENV: "0.05"})
+    job = start_judge_job(ctx, {judging.BATCH_POLL_ENV: "0.05"})
     wait_for(lambda: state.exists() and json.loads(state.read_text())["batches"][0]["batch_id"], job)
     job.send_signal(signal.SIGKILL)
     job.wait()
 
     stub.script.batch_polls = 0
-    monkeypatch.setenv(judge_stage.BATCH_POLL_ENV, "0.01")
-    summary = judge_stage.judge_bench(ctx, "llava-bench", local=False)
+    monkeypatch.setenv(judging.BATCH_POLL_ENV, "0.01")
+    summary = judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=False)
     assert len(stub.requests_to("POST", "/v1/batches")) == 1 and len(stub.requests_to("POST", "/v1/files")) == 1
     answered = stub.answered_keys()
     assert len(answered) == len(set(answered)) == 90 and summary["n"] == 90
@@ -264,7 +267,7 @@ def test_include_image_sends_the_image_and_logs_only_its_digest(tmp_path, stub):
     for index, name in enumerate(("000000441147.jpg", "000000353536.jpg")):
         Image.new("RGB", (64, 48), (40 * index, 90, 160)).save(tmp_path / "images" / name)
     fake_generate(ctx, "llava-bench", list(range(6)))
-    judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     sent = [e["body"]["messages"][1]["content"] for e in stub.chat_log()]
     assert len(sent) == 6
     assert all(c[0]["image_url"]["url"].startswith("data:image/jpeg;base64,") and "[Context]" in c[1]["text"]
@@ -293,7 +296,7 @@ def test_folder_bench_reference_answers_and_baseline(tmp_path, monkeypatch):
                                                           "question": "Where can the drone land safely?"}},
                            judge={"base_url": stub.url, "api_key_env": KEY_ENV, "max_retries": 1, "timeout_s": 5})
         fake_generate(ctx, "skyview", ["field/a.png", "field/b.png", "roof/c.png", "roof/d.png"])
-        summary = judge_stage.judge_bench(ctx, "skyview", local=True)
+        summary = judging.judge_bench(ctx.pipeline, ctx.run, "skyview", local=True)
         distinct_requests = {e["body_key"] for e in stub.chat_log()}
     directory = judge_dir(ctx, "skyview")
     references = read_jsonl(directory / "reference_answers.jsonl")
@@ -311,7 +314,7 @@ def test_folder_bench_reference_answers_and_baseline(tmp_path, monkeypatch):
 @needs_tables
 def test_dry_run_estimate_counts_cache_and_prices_batch_at_half(tmp_path, stub):
     ctx = coco_context(tmp_path, stub)
-    estimate = judge_stage.dry_run_estimate(ctx)["llava-bench"]  # before generate: stand-in answers
+    estimate = dry_run_estimate(ctx.pipeline, ctx.run)["llava-bench"]  # before generate: stand-in answers
     judge_phase = estimate["phases"][0]
     assert (judge_phase["requests"], judge_phase["cached"], judge_phase["to_send"]) == (90, 0, 90)
     assert judge_phase["prompt_tokens"] > 90 * 300 and judge_phase["completion_tokens"] == 90 * 167
@@ -320,12 +323,12 @@ def test_dry_run_estimate_counts_cache_and_prices_batch_at_half(tmp_path, stub):
     assert stub.log == []
 
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()][:45])
-    judge_stage.judge_bench(ctx, "llava-bench", local=True)
+    judging.judge_bench(ctx.pipeline, ctx.run, "llava-bench", local=True)
     fake_generate(ctx, "llava-bench", [q["question_id"] for q in qa90()])
-    after = judge_stage.dry_run_estimate(ctx)["llava-bench"]["total"]
+    after = dry_run_estimate(ctx.pipeline, ctx.run)["llava-bench"]["total"]
     assert (after["requests"], after["cached"], after["to_send"]) == (90, 45, 45)
 
     (tmp_path / "other").mkdir()
     unknown = coco_context(tmp_path / "other", stub, model="my-local-judge")
-    row = judge_stage.dry_run_estimate(unknown)["llava-bench"]["total"]
+    row = dry_run_estimate(unknown.pipeline, unknown.run)["llava-bench"]["total"]
     assert row["to_send"] == 90 and row["prompt_tokens"] > 0 and row["cost_sync_usd"] is None

@@ -63,7 +63,6 @@ from llava_hpc.doctor.slurm import (
     check_partitions,
     check_slurm,
     current_user,
-    judged_benches,
     parse_gres,
     planned_stages,
     run_command,
@@ -86,6 +85,7 @@ from llava_hpc.doctor.storage import (
     nearest_existing,
     planned_images,
 )
+from llava_hpc.eval.benches import judged_benches  # the kinds' one answer to 'judged?'
 
 __all__ = [
     "STATUSES", "CheckResult", "has_errors", "as_dicts", "run_checks", "pipeline_row",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from llava_hpc.config import Pipeline
 from llava_hpc.doctor.result import CheckResult
-from llava_hpc.doctor.slurm import judged_benches
 from llava_hpc.doctor.storage import dataset_records, planned_images
+from llava_hpc.eval.benches import judged_benches
 
 SAMPLE_RECORDS = 100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

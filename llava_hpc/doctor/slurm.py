@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from llava_hpc.config import Pipeline
 from llava_hpc.doctor.result import CheckResult
-from llava_hpc.stages.judge import JUDGED_KINDS
+from llava_hpc.eval.benches import judged_benches
 
 COMMAND_TIMEOUT_S = 20.0
 # GPU kinds (GRES type names, lowercased prefixes) that have no native bf16: they would emulate it, slowly.
@@ -166,10 +166,6 @@ def slurm_facts(run: Callable[..., CommandResult] | None = None, user: str | Non
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline's jobs
-def judged_benches(pipeline: Pipeline) -> list[str]:
-    return [name for name in pipeline.generate_benches() if pipeline.benches[name].kind in JUDGED_KINDS]
-
-
 def planned_stages(pipeline: Pipeline) -> list[str]:
     """The stages `submit all` would queue as Slurm jobs."""
     stages = []

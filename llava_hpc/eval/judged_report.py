@@ -17,13 +17,14 @@ Beside it, the distribution the seed study plots: each question's own candidate 
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from pathlib import Path
 
+from llava_hpc.plots import new_figure, png_bytes
 from llava_hpc.rundir import atomic_write_bytes, atomic_write_text
 
 ALL = "all"
+METRIC = "relative_score"
 
 
 # What the reference's parser records for a reply it cannot read (eval_gpt_review*.py), and averages in.
@@ -100,6 +101,14 @@ def summarize_reviews(reviews: list[dict], judge_model: str, answer_model: str,
 
 
 # ---------------------------------------------------------------------------------------------- report
+def bench_summary(name: str, judge_summary: dict) -> dict:
+    """The report's summary.json: categories and "all" at the top level (relative_score, reference_mean,
+    candidate_mean, n, parse_failures), beside the judge and answer models: scores from different judge snapshots do
+    not compare."""
+    return {"bench": name, "metric": METRIC, **judge_summary["scores"],
+            **{key: value for key, value in judge_summary.items() if key != "scores"}}
+
+
 def _number(value, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.1f}{suffix}"
 
@@ -159,14 +168,13 @@ def markdown(summary: dict) -> str:
 def box_plot(summary: dict) -> bytes:
     """PNG bytes: per-question relative scores per category (and "all"), baseline boxes beside them if present."""
     import numpy as np
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in a library
 
     categories = _ordered(summary["scores"])
     series = [("candidate", summary["scores"], "#4c72b0")]
     if "baseline" in summary:
         series.append(("baseline (answer for another image)", summary["baseline"], "#c44e52"))
     width = 0.8 / len(series)
-    figure = Figure(figsize=(1.5 + 1.4 * len(categories), 4.4), dpi=100)
+    figure = new_figure(1.5 + 1.4 * len(categories), 4.4)
     axes = figure.add_subplot()
     for index, (label, scores, colour) in enumerate(series):
         positions = [c + (index - (len(series) - 1) / 2) * width for c in range(len(categories))]
@@ -184,9 +192,7 @@ def box_plot(summary: dict) -> bytes:
                    fontsize=9)
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(series), fontsize=8, frameon=False)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 def write_report(summary: dict, out_dir: str | Path) -> None:

@@ -26,6 +26,7 @@ import base64
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
-WILD_CATEGORY_PREFIX = "llava_bench_"
+WILD_CATEGORY_PREFIX = "llava_bench_"  # In-the-Wild review categories and rule keys, as the reference writes them
 FOLDER_CONTEXT = "The image the question is about is attached."
 FOLDER_RULE = {
     "role": "Assistant",
@@ -82,14 +83,15 @@ def read_reference_answers(path: str | Path) -> dict:
     return answers
 
 
-def read_contexts(path: str | Path, kind: str) -> dict[str, str]:
-    """image -> the judge's context text, for a `llava-bench-coco` or `llava-bench-wild` context table."""
+def read_contexts(path: str | Path, context_of: Callable[[dict], str]) -> dict[str, str]:
+    """image -> the judge's context text, from a context table whose records `context_of` turns into text
+    (`coco_context`, `wild_context`)."""
     contexts = {}
     for number, row in read_table(path):
         if "image" not in row:
             raise BenchTableError(f"{path}:{number}: context record has no 'image' field")
         try:
-            contexts[row["image"]] = coco_context(row) if kind == "llava-bench-coco" else wild_context(row)
+            contexts[row["image"]] = context_of(row)
         except KeyError as exc:
             raise BenchTableError(f"{path}:{number}: context record has no {exc.args[0]!r} field") from None
     return contexts
@@ -117,21 +119,16 @@ def read_rules(path: str | Path) -> dict:
     return rules
 
 
-def review_category(kind: str, category: str) -> str:
-    """The category a review line carries and the rule key: In-the-Wild prefixes `llava_bench_`, as the reference."""
-    return WILD_CATEGORY_PREFIX + category if kind == "llava-bench-wild" else category
-
-
-def rule_for(rules: dict, rules_path: str | Path | None, kind: str, category: str) -> dict:
-    """The {role, prompt} rule for a question. Folder benches take FOLDER_RULE unless their rules file has "folder"."""
-    if kind == "folder":
-        rule = rules.get("folder", FOLDER_RULE)
-        key = "folder"
-    else:
-        key = review_category(kind, category)
-        if key not in rules:
-            raise BenchTableError(f"{rules_path}: no rule for category {key!r} (has: {', '.join(sorted(rules))})")
+def rule_for(rules: dict, rules_path: str | Path | None, key: str, default: dict | None = None) -> dict:
+    """The {role, prompt} rule under `key` (a review category: "conv", "llava_bench_complex"). With a `default` (one
+    rule for a whole bench, e.g. FOLDER_RULE under "folder"), the rules file's entry overrides it; without, the rules
+    file must have it."""
+    if default is not None:
+        rule = rules.get(key, default)
+    elif key in rules:
         rule = rules[key]
+    else:
+        raise BenchTableError(f"{rules_path}: no rule for category {key!r} (has: {', '.join(sorted(rules))})")
     if not isinstance(rule, dict) or not isinstance(rule.get("prompt"), str) or not isinstance(rule.get("role"), str):
         raise BenchTableError(f"{rules_path}: rule {key!r} needs string fields 'role' and 'prompt'")
     return rule

@@ -41,6 +41,7 @@ from llava_hpc.rundir import (
     is_disk_full,
     append_jsonl,
     atomic_path,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     disk_full_error,
@@ -485,12 +486,10 @@ def plot_loss(curves: list[tuple[str, Path]], target: Path, title: str) -> None:
     """The loss of one or more stages in order (stage 1 then stage 2) on one log-scale axis, steps counted on from
     stage to stage; a solid line where a stage begins, a dashed one where an attempt resumed from a checkpoint
     (a requeue, a resubmission): the rows say which attempt wrote them (`resumed_from`)."""
-    import matplotlib
+    from llava_hpc.plots import new_figure, png_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    figure = new_figure(6.5, 3.6)
+    axis = figure.add_subplot()
     offset, plotted = 0, False
     for stage, metrics_file in curves:
         rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
@@ -508,7 +507,6 @@ def plot_loss(curves: list[tuple[str, Path]], target: Path, title: str) -> None:
         offset += rows[-1]["step"]
         plotted = True
     if not plotted:
-        plt.close(figure)
         return
     axis.set_yscale("log")  # the tail of a loss curve is where the differences are
     axis.set_xlabel("optimizer step" + (" (stages in order)" if len(curves) > 1 else ""))
@@ -517,6 +515,4 @@ def plot_loss(curves: list[tuple[str, Path]], target: Path, title: str) -> None:
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_path(target) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    atomic_write_bytes(target, png_bytes(figure, dpi=120))
