@@ -88,6 +88,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o640)  # mkstemp's 0600 would hide results from the group that shares the run directory
     os.close(fd)
     tmp = Path(tmp_name)
     try:

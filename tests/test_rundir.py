@@ -26,6 +26,16 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["b.json"]
 
 
+def test_atomically_written_files_are_readable_by_the_group(tmp_path):
+    """The run directory is shared with the lab's group: an atomic write must not keep mkstemp's 0600."""
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "summary.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o640
+
+
 def test_failed_write_leaves_old_content_and_no_temporary(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
