@@ -68,7 +68,7 @@ def run(setting: Setting, workdir: Path) -> dict:
     records = world.records("instruct")
     spec = LlavaSpec(
         vision=VisionTowerSpec(tiny=setting.vision),
-        llm=LLMSpec(tiny=TinyLLMSpec(vocabulary=world.vocabulary(), hidden_size=setting.llm_hidden)),
+        llm=LLMSpec(tiny=TinyLLMSpec(hidden_size=setting.llm_hidden), vocabulary=world.vocabulary()),
     )
     model, tokenizer = build_llava(spec)
     model.eval()

@@ -274,8 +274,8 @@ def step_overhead(workdir: Path, quick: bool) -> None:
     # Mid width: CLIP-L features (256 x 1024) into a 6-layer 512-wide LLM.
     spec = LlavaSpec(vision=VisionTowerSpec(name="tiny", tiny=TinyVisionSpec(image_size=224, patch_size=14,
                                                                              hidden_size=1024, heads=8)),
-                     llm=LLMSpec(name="tiny", tiny=TinyLLMSpec(vocabulary=tuple(world.vocabulary()), hidden_size=512,
-                                                               intermediate_size=1536, layers=6, heads=8)),
+                     llm=LLMSpec(name="tiny", tiny=TinyLLMSpec(hidden_size=512, intermediate_size=1536, layers=6, heads=8),
+                                 vocabulary=tuple(world.vocabulary())),
                      max_length=512)
     store_dir = workdir / "features"
     images = sorted({r["image"] for r in records})

@@ -188,7 +188,7 @@ def measure_path(job: dict) -> dict:
 
     spec = LlavaSpec(
         vision=VisionTowerSpec(tiny=TinyVisionSpec(**size.vision)),
-        llm=LLMSpec(tiny=TinyLLMSpec(vocabulary=tuple(_world(1).vocabulary()), **size.llm)),
+        llm=LLMSpec(tiny=TinyLLMSpec(**size.llm), vocabulary=tuple(_world(1).vocabulary())),
         max_length=size.max_length,
     )
     # The project's training jobs build no tower at all; the reference's path needs it every step.

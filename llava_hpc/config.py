@@ -8,11 +8,13 @@ that copy. Secrets never live here: the judge names the environment variable tha
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +33,7 @@ from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from llava_hpc import PIPELINE_ENV
 from llava_hpc.eval.benches import BENCH_KINDS
+from llava_hpc.model.specs import TinyLLMSpec, TinyVisionSpec
 from llava_hpc.stages import ORDER
 
 DEFAULT_PIPELINE = "pipeline.toml"
@@ -216,25 +219,6 @@ class ResourceOverrides(Strict):
 
 
 # ---------------------------------------------------------------------------------------------- model
-class TinyVision(Strict):
-    image_size: int = 64
-    patch_size: int = 8
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    layers: int = 2
-    heads: int = 2
-    position_embedding_std: float = 0.15
-    seed: int = 0
-
-
-class TinyLLM(Strict):
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    layers: int = 2
-    heads: int = 4
-    seed: int = 0
-
-
 class ModelConfig(Strict):
     vision_tower: str = Field("tiny", description="'tiny', a Hugging Face id or a local directory")
     vision_select_layer: int = -2
@@ -243,8 +227,9 @@ class ModelConfig(Strict):
     projector: Literal["linear", "mlp2x_gelu"] = "linear"
     template: Literal["chat_template", "vicuna_v1"] = "chat_template"
     max_length: int = Field(2048, ge=16)
-    tiny_vision: TinyVision = Field(default_factory=TinyVision)
-    tiny_llm: TinyLLM = Field(default_factory=TinyLLM)
+    # The model's own dataclasses (torch-free, model/specs.py), validated as they are: one declaration, one default.
+    tiny_vision: TinyVisionSpec = Field(default_factory=TinyVisionSpec)
+    tiny_llm: TinyLLMSpec = Field(default_factory=TinyLLMSpec)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -467,10 +452,14 @@ class Pipeline(Strict):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
+# An unknown key: in a pydantic table; in a table the model's own dataclasses declare (model/specs.py).
+_UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
+
+
 def _describe(error: dict) -> str:
     location = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
-    if kind == "extra_forbidden":
+    if kind in _UNKNOWN_KEY:
         return f"{location}: unknown key"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "missing":
@@ -480,20 +469,29 @@ def _describe(error: dict) -> str:
     return f"{location}: {message}{shown}" if location else f"{message}{shown}"
 
 
+def _table_fields(table: Any) -> dict[str, Any] | None:
+    """A table's keys -> their annotations, for a pydantic model or a dataclass; None for anything else."""
+    if isinstance(table, type) and issubclass(table, BaseModel):
+        return {name: field.annotation for name, field in table.model_fields.items()}
+    if isinstance(table, type) and dataclasses.is_dataclass(table):
+        hints = typing.get_type_hints(table)
+        return {field.name: hints[field.name] for field in dataclasses.fields(table)}
+    return None
+
+
 def _known_keys_hint(error: dict) -> str:
     """For an unknown key: the close match ("did you mean 'batch_size'?", a typo is the usual cause), else the keys
     that the table does take."""
-    model: type[BaseModel] = Pipeline
+    fields = _table_fields(Pipeline)
     for part in error["loc"][:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        if field is None:
+        annotation = fields.get(str(part)) if isinstance(part, str) else None
+        if annotation is None:
             continue
-        annotation = field.annotation
         candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        nested = [f for f in map(_table_fields, candidates) if f is not None]
         if nested:
-            model = nested[0]
-    known = sorted(model.model_fields)
+            fields = nested[0]
+    known = sorted(fields)
     close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"
@@ -535,7 +533,7 @@ def parse_pipeline(data: dict, source: str | Path, base: Path | None = None, che
         lines = []
         for error in exc.errors():
             line = _describe(error)
-            if error["type"] == "extra_forbidden":
+            if error["type"] in _UNKNOWN_KEY:
                 line += f"; {_known_keys_hint(error)}"
             number = _line_of(text, tuple(error["loc"]))
             lines.append(f"  line {number}: {line}" if number else f"  {line}")

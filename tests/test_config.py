@@ -69,6 +69,30 @@ def test_unknown_key_names_file_key_and_the_keys_that_exist(tmp_path):
     assert "lr" in message and "grad_accum" in message  # what was expected
 
 
+@pytest.mark.parametrize("table, key, hint", [("tiny_vision", "layer", "did you mean 'layers'?"),
+                                              ("tiny_llm", "intermediate", "did you mean 'intermediate_size'?"),
+                                              ("tiny_llm", "vocabulary", "expected one of: heads, hidden_size")])
+def test_unknown_key_in_a_tiny_model_table_is_named_with_its_line(tmp_path, table, key, hint):
+    """[model.tiny_vision] and [model.tiny_llm] are the model's own dataclasses (model/specs.py), validated as
+    strictly as any other table; the tiny tokenizer's vocabulary comes from the data, never from the file."""
+    data = small_pipeline_dict(tmp_path / "run")
+    data["model"][table] = {key: 3}
+    path = write_pipeline(tmp_path / "bad.toml", data)
+    with pytest.raises(PipelineError) as info:
+        load_pipeline(path)
+    message = str(info.value)
+    assert f"model.{table}.{key}: unknown key; {hint}" in message
+    assert f"line {path.read_text().splitlines().index(f'{key} = 3') + 1}:" in message
+
+
+def test_tiny_model_tables_are_the_model_specs_with_the_demo_defaults(small_pipeline):
+    from llava_hpc.model.specs import TinyLLMSpec, TinyVisionSpec
+
+    model = load_pipeline(small_pipeline).model
+    assert model.tiny_vision == TinyVisionSpec() and model.tiny_llm == TinyLLMSpec()
+    assert model.tiny_llm.intermediate_size == 256  # what every pipeline has trained with (the demo's results)
+
+
 def test_wrong_type_names_key_and_value(tmp_path):
     data = small_pipeline_dict(tmp_path / "run")
     data["stages"]["features"]["batch_size"] = "big"

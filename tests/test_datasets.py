@@ -19,7 +19,7 @@ from llava_hpc.data.encoded import NoUsableRecordsError
 from llava_hpc.data.features_io import FeatureStore, write_shard
 from llava_hpc.data.llava_json import DatasetFileError, UnparsedLine, read_records
 from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
-from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, build_llava
+from llava_hpc.model.builders import LlavaSpec, LLMSpec, build_llava
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
 
 WORLD = SyntheticWorld(SyntheticSpec(n_pretrain=12, n_instruct=12, n_bench=4))
@@ -27,7 +27,7 @@ WORLD = SyntheticWorld(SyntheticSpec(n_pretrain=12, n_instruct=12, n_bench=4))
 
 @pytest.fixture(scope="module")
 def built():
-    model, tokenizer = build_llava(LlavaSpec(llm=LLMSpec(tiny=TinyLLMSpec(vocabulary=WORLD.vocabulary()))))
+    model, tokenizer = build_llava(LlavaSpec(llm=LLMSpec(vocabulary=WORLD.vocabulary())))
     model.eval()
     return model, tokenizer, ConversationTemplate("chat_template", tokenizer)
 

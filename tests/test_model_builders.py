@@ -45,7 +45,7 @@ def test_tiny_tokenizer_is_deterministic_and_round_trips():
 def test_tiny_llava_shapes_and_seeded_weights():
     spec = LlavaSpec(
         vision=VisionTowerSpec(tiny=TinyVisionSpec(image_size=32, patch_size=8, hidden_size=48)),
-        llm=LLMSpec(tiny=TinyLLMSpec(vocabulary=WORLD.vocabulary(), hidden_size=64, heads=2)),
+        llm=LLMSpec(tiny=TinyLLMSpec(hidden_size=64, heads=2), vocabulary=WORLD.vocabulary()),
         projector="mlp2x_gelu",
     )
     model, tokenizer = build_llava(spec)

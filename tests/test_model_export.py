@@ -9,7 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava_hpc.data.datasets import Collator, ImageConversationDataset
 from llava_hpc.data.templates import ConversationTemplate
-from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec, build_llava
+from llava_hpc.model.builders import LlavaSpec, LLMSpec, build_llava
 from llava_hpc.model.export import SIDECAR, chat, export_llava, load_exported
 from llava_hpc.model.vision import VisionTowerSpec
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
@@ -17,7 +17,7 @@ from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld
 WORLD = SyntheticWorld(
     SyntheticSpec(n_pretrain=8, n_instruct=64, n_bench=4, instruct_categories=("colour",), bench_categories=("colour",))
 )
-LLM = LLMSpec(tiny=TinyLLMSpec(vocabulary=WORLD.vocabulary()))
+LLM = LLMSpec(vocabulary=WORLD.vocabulary())
 
 
 def hf_recipe_inputs(processor, image, question):

