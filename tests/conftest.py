@@ -112,3 +112,113 @@ def write_pipeline(path: Path, data: dict) -> Path:
 @pytest.fixture
 def small_pipeline(tmp_path) -> Path:
     return write_pipeline(tmp_path / "pipeline.toml", small_pipeline_dict(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+def invoke(*args: str, env: dict | None = None):
+    """`llava-hpc ARGS...` in-process (typer's runner), 200 columns wide, exceptions raised rather than caught;
+    `env`: variables set for the call only (the judge's key, say)."""
+    from typer.testing import CliRunner
+
+    from llava_hpc.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", **(env or {})}, catch_exceptions=False)
+
+
+# ---------------------------------------------------------------------------------------------- the judge's endpoint
+def openai_stub_fixture(scope: str = "function", host=None, expected_key: str | None = None, scores=None,
+                        env: dict | None = None):
+    """A fixture serving an OpenAI-compatible stub (tests/openai_stub.py) for its `scope`; a module binds it to the
+    name its tests ask for (`stub = openai_stub_fixture(...)`).
+    `host`: a callable giving the address to bind (called when the fixture first runs: `cluster_address` reads the
+    running cluster's config), else loopback. `expected_key`: requests without it get 401. `scores`: a callable giving
+    question text -> (reference, candidate) scores. `env`: variables set while it serves."""
+
+    @pytest.fixture(scope=scope)
+    def stub():
+        from openai_stub import OpenAIStub
+
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            with OpenAIStub(**({} if host is None else {"host": host()})) as server:
+                server.script.expected_key = expected_key
+                if scores is not None:
+                    server.script.scores = scores()
+                yield server
+
+    return stub
+
+
+# ---------------------------------------------------------------------------------------------- judged benches
+# The judge tests' key: the environment variable a pipeline names, and a value to search the run directory for.
+KEY_ENV = "LLAVA_TEST_JUDGE_KEY"
+KEY = "sk-test-judge-SECRET-7c1d0e"
+# The stub's (reference, candidate) scores for each LLaVA-Bench COCO category.
+SCORES_BY_CATEGORY = {"conv": (8, 6), "detail": (10, 5), "complex": (6, 6)}
+
+
+def qa90() -> list[dict]:
+    """The LLaVA-Bench COCO questions (LLAVA_EVAL/qa90_questions.jsonl)."""
+    import json
+
+    return [json.loads(line) for line in (LLAVA_EVAL / "qa90_questions.jsonl").read_text().splitlines()]
+
+
+def qa90_scores() -> dict:
+    """question text -> its category's SCORES_BY_CATEGORY (empty where the tables are not here)."""
+    if not (LLAVA_EVAL / "qa90_questions.jsonl").exists():
+        return {}
+    return {q["text"]: SCORES_BY_CATEGORY[q["category"]] for q in qa90()}
+
+
+def context_from(tmp_path: Path, **sections):
+    """A StageContext of small_pipeline_dict(**sections), its run directory created with RUN/pipeline.toml in it."""
+    from llava_hpc.config import load_pipeline
+    from llava_hpc.rundir import RunDir, atomic_write_text
+    from llava_hpc.stages import StageContext
+
+    data = small_pipeline_dict(tmp_path / "run", **sections)
+    pipeline = load_pipeline(write_pipeline(tmp_path / "pipeline.toml", data))
+    run = RunDir(pipeline.run_dir)
+    run.create()
+    atomic_write_text(run.pipeline_file, pipeline.to_toml())  # what a job reads (stages.runner.load_context)
+    return StageContext(pipeline, run)
+
+
+def coco_context(tmp_path: Path, stub, bench: dict | None = None, **judge):
+    """A context whose `llava-bench` bench is the real LLaVA-Bench COCO tables, judged by `stub` with KEY_ENV's key;
+    `bench` and `judge` override its keys (a None judge value leaves the key out)."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    benches = {"llava-bench": {
+        "kind": "llava-bench-coco",
+        "questions": str(LLAVA_EVAL / "qa90_questions.jsonl"),
+        "answers": str(LLAVA_EVAL / "qa90_gpt4_answer.jsonl"),
+        "context": str(LLAVA_EVAL / "caps_boxes_coco2014_val_80.jsonl"),
+        "rules": str(LLAVA_EVAL / "rule.json"),
+        "images": str(images),
+        **(bench or {}),
+    }}
+    settings = {"base_url": stub.url, "api_key_env": KEY_ENV, "max_retries": 2, "timeout_s": 5, "max_concurrency": 4,
+                **judge}
+    return context_from(tmp_path, benches=benches, judge={k: v for k, v in settings.items() if v is not None})
+
+
+def fake_generate(ctx, bench: str, question_ids: list) -> None:
+    """The generate stage's output for `bench` (a made-up answer per question) and its _SUCCESS, without a model."""
+    from llava_hpc.rundir import atomic_write_jsonl
+
+    directory = ctx.run.stage_dir("generate") / bench
+    atomic_write_jsonl(directory / "answers.jsonl", [
+        {"question_id": qid, "prompt": "?", "text": f"A made-up answer for question {qid}.", "answer_id": f"cand-{qid}",
+         "model_id": "test/stage2", "metadata": {}}
+        for qid in question_ids
+    ])
+    ctx.run.mark_done(directory)
+
+
+def assert_key_nowhere(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"the API key was written into {path}"

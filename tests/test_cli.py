@@ -6,16 +6,7 @@ import re
 
 import pytest
 
-from conftest import small_pipeline_dict, write_pipeline
-from typer.testing import CliRunner
-
-from llava_hpc.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args, env=None):
-    return runner.invoke(app, list(args), env={"COLUMNS": "200", **(env or {})}, catch_exceptions=False)
+from conftest import invoke, small_pipeline_dict, write_pipeline
 
 
 def test_help_explains_the_commands():

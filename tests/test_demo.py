@@ -6,10 +6,7 @@ import tomllib
 
 import pytest
 import tomli_w
-from conftest import REPO
-from typer.testing import CliRunner
-
-from llava_hpc.cli import app
+from conftest import REPO, invoke
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +17,7 @@ def run_demo(tmp_path, **synthetic) -> dict:
     data["synthetic"].update(synthetic)
     pipeline = tmp_path / "demo.toml"
     pipeline.write_text(tomli_w.dumps(data))
-    result = CliRunner().invoke(app, ["run", "-p", str(pipeline)], env={"COLUMNS": "200"}, catch_exceptions=False)
+    result = invoke("run", "-p", str(pipeline))
     assert result.exit_code == 0, result.output
     return json.loads((tmp_path / "run" / "report" / "synthetic" / "summary.json").read_text())
 

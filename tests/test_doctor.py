@@ -13,12 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, SLURM_ACCOUNT, small_pipeline_dict, write_pipeline
+from conftest import REPO, SLURM_ACCOUNT, invoke, small_pipeline_dict, write_pipeline
 from openai_stub import OpenAIStub
-from typer.testing import CliRunner
 
 from llava_hpc import doctor
-from llava_hpc.cli import app
 from llava_hpc.config import load_pipeline, parse_pipeline
 from llava_hpc.doctor import CommandResult
 
@@ -465,13 +463,9 @@ def test_probe_task_alone(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, ["doctor", *args], env={"COLUMNS": "200", **(env or {})}, catch_exceptions=False)
-
-
 def test_cli_table_json_and_exit_code(tmp_path):
     path = write_pipeline(tmp_path / "pipeline.toml", small_pipeline_dict(tmp_path / "run"))  # debug executor
-    ok = invoke("-p", str(path))
+    ok = invoke("doctor", "-p", str(path))
     assert ok.exit_code == 0, ok.output
     for text in ("check", "status", "detail", "fix", "models", "data pretrain", "skipped"):
         assert text in ok.output
@@ -480,7 +474,7 @@ def test_cli_table_json_and_exit_code(tmp_path):
     data["datasets"]["real"] = {"kind": "llava-json", "path": str(tmp_path / "missing.json"), "images": str(tmp_path)}
     data["stages"]["stage2"]["dataset"] = "real"
     path = write_pipeline(tmp_path / "pipeline.toml", data)
-    bad = invoke("-p", str(path), "--json")
+    bad = invoke("doctor", "-p", str(path), "--json")
     assert bad.exit_code == 1
     results = json.loads(bad.stdout)
     errors = [r for r in results if r["status"] == "error"]
@@ -499,7 +493,7 @@ def local_cluster():
 @pytest.mark.slurm
 def test_doctor_passes_on_the_local_cluster(tmp_path, local_cluster):
     path = write_pipeline(tmp_path / "pipeline.toml", slurm_pipeline(tmp_path))
-    result = invoke("-p", str(path), "--json")
+    result = invoke("doctor", "-p", str(path), "--json")
     assert result.exit_code == 0, result.output
     results = {(r["name"], r["detail"]): r["status"] for r in json.loads(result.stdout)}
     by_name = {}
@@ -517,7 +511,7 @@ def test_doctor_names_a_wrong_account_partition_and_gpu_kind(tmp_path, local_clu
     data["slurm"]["account"] = "no-such-lab"
     data["stages"]["stage1"]["slurm"] = {"partition": "gpu-large"}
     path = write_pipeline(tmp_path / "pipeline.toml", data)
-    result = invoke("-p", str(path), "--json")
+    result = invoke("doctor", "-p", str(path), "--json")
     assert result.exit_code == 1
     errors = {r["name"]: r["detail"] for r in json.loads(result.stdout) if r["status"] == "error"}
     assert "'no-such-lab' is not one of yours" in errors["account"] and SLURM_ACCOUNT in errors["account"]
@@ -530,7 +524,7 @@ def test_probe_runs_on_two_nodes(tmp_path, local_cluster):
     data = slurm_pipeline(tmp_path)
     data["python"] = sys.executable
     path = write_pipeline(tmp_path / "pipeline.toml", data)
-    result = invoke("-p", str(path), "--probe", "--json")
+    result = invoke("doctor", "-p", str(path), "--probe", "--json")
     results = json.loads(result.stdout)
     named = {r["name"]: r for r in results}
     assert result.exit_code == 0, json.dumps(results, indent=1)

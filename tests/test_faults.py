@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SLURM_ACCOUNT, cluster_address, small_pipeline_dict, wait_for, write_pipeline
+from conftest import (
+    REPO,
+    SLURM_ACCOUNT,
+    cluster_address,
+    openai_stub_fixture,
+    small_pipeline_dict,
+    wait_for,
+    write_pipeline,
+)
 from openai_stub import OpenAIStub
 from PIL import Image, ImageDraw
 
@@ -261,11 +269,8 @@ def key_file():
     shutil.rmtree(KEY_FILE.parent, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def stub():
-    with OpenAIStub(host=cluster_address()) as server:
-        server.script.expected_key = KEY  # a job without the key would get 401
-        yield server
+# On the cluster bridge, which compute nodes reach; a job without the key would get 401.
+stub = openai_stub_fixture(scope="module", host=cluster_address, expected_key=KEY)
 
 
 @pytest.fixture(scope="module")

@@ -2,30 +2,30 @@
 
 import json
 import tomllib
+from functools import partial
 
 import pytest
 import tomli_w
-from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA
-from openai_stub import OpenAIStub
-from test_judge_stage import KEY, KEY_ENV, SCORES_BY_CATEGORY, assert_key_nowhere, coco_context, fake_generate, qa90
-from typer.testing import CliRunner
-
-from llava_hpc.cli import app
+from conftest import (
+    KEY,
+    KEY_ENV,
+    LLAVA_EVAL,
+    REQUIRE_EVAL_DATA,
+    SCORES_BY_CATEGORY,
+    assert_key_nowhere,
+    coco_context,
+    fake_generate,
+    invoke as invoke_cli,
+    openai_stub_fixture,
+    qa90,
+    qa90_scores,
+)
 
 pytestmark = pytest.mark.skipif(not REQUIRE_EVAL_DATA and not (LLAVA_EVAL / "rule.json").exists(),
                                 reason=f"{LLAVA_EVAL} is not here")
 
-
-def invoke(*args):
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", KEY_ENV: KEY}, catch_exceptions=False)
-
-
-@pytest.fixture
-def stub():
-    with OpenAIStub() as server:
-        server.script.expected_key = KEY
-        server.script.scores = {q["text"]: SCORES_BY_CATEGORY[q["category"]] for q in qa90()}
-        yield server
+invoke = partial(invoke_cli, env={KEY_ENV: KEY})  # every command here runs with the judge's key in its environment
+stub = openai_stub_fixture(expected_key=KEY, scores=qa90_scores)
 
 
 def test_dry_run_then_judge_locally_then_report(tmp_path, stub):

@@ -11,84 +11,38 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA, small_pipeline_dict, write_pipeline
+from conftest import (
+    KEY,
+    KEY_ENV,
+    LLAVA_EVAL,
+    REQUIRE_EVAL_DATA,
+    assert_key_nowhere,
+    coco_context,
+    context_from,
+    fake_generate,
+    openai_stub_fixture,
+    qa90,
+    qa90_scores,
+)
 from openai_stub import OpenAIStub, question_of, user_text
 from PIL import Image
 
-from llava_hpc.config import load_pipeline
 from llava_hpc.eval import judging
 from llava_hpc.eval.bench_judging import AnswersFileError
 from llava_hpc.eval.judge_estimate import dry_run_estimate
 from llava_hpc.eval.judge_transport import MissingApiKeyError
-from llava_hpc.rundir import RunDir, atomic_write_jsonl, atomic_write_text, read_jsonl
+from llava_hpc.rundir import read_jsonl
 from llava_hpc.stages import StageContext
 
 needs_tables = pytest.mark.skipif(not REQUIRE_EVAL_DATA and not (LLAVA_EVAL / "qa90_questions.jsonl").exists(),
                                   reason=f"{LLAVA_EVAL} is not here")
-KEY_ENV = "LLAVA_TEST_JUDGE_KEY"
-KEY = "sk-test-judge-SECRET-7c1d0e"
 REVIEW_FIELDS = {"id", "question_id", "answer1_id", "answer2_id", "category", "content", "tuple", "judge_model"}
-SCORES_BY_CATEGORY = {"conv": (8, 6), "detail": (10, 5), "complex": (6, 6)}
 
-
-def qa90() -> list[dict]:
-    return [json.loads(line) for line in (LLAVA_EVAL / "qa90_questions.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def stub(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, KEY)
-    with OpenAIStub() as server:
-        server.script.expected_key = KEY
-        category = {q["text"]: q["category"] for q in qa90()} if (LLAVA_EVAL / "qa90_questions.jsonl").exists() else {}
-        server.script.scores = {text: SCORES_BY_CATEGORY[c] for text, c in category.items()}
-        yield server
-
-
-def coco_context(tmp_path: Path, stub: OpenAIStub, bench: dict | None = None, **judge) -> StageContext:
-    images = tmp_path / "images"
-    images.mkdir(exist_ok=True)
-    benches = {"llava-bench": {
-        "kind": "llava-bench-coco",
-        "questions": str(LLAVA_EVAL / "qa90_questions.jsonl"),
-        "answers": str(LLAVA_EVAL / "qa90_gpt4_answer.jsonl"),
-        "context": str(LLAVA_EVAL / "caps_boxes_coco2014_val_80.jsonl"),
-        "rules": str(LLAVA_EVAL / "rule.json"),
-        "images": str(images),
-        **(bench or {}),
-    }}
-    settings = {"base_url": stub.url, "api_key_env": KEY_ENV, "max_retries": 2, "timeout_s": 5, "max_concurrency": 4,
-                **judge}
-    return context_from(tmp_path, benches=benches, judge={k: v for k, v in settings.items() if v is not None})
-
-
-def context_from(tmp_path: Path, **sections) -> StageContext:
-    data = small_pipeline_dict(tmp_path / "run", **sections)
-    pipeline = load_pipeline(write_pipeline(tmp_path / "pipeline.toml", data))
-    run = RunDir(pipeline.run_dir)
-    run.create()
-    atomic_write_text(run.pipeline_file, pipeline.to_toml())  # what a job reads (stages.runner.load_context)
-    return StageContext(pipeline, run)
-
-
-def fake_generate(ctx: StageContext, bench: str, question_ids: list) -> None:
-    directory = ctx.run.stage_dir("generate") / bench
-    atomic_write_jsonl(directory / "answers.jsonl", [
-        {"question_id": qid, "prompt": "?", "text": f"A made-up answer for question {qid}.", "answer_id": f"cand-{qid}",
-         "model_id": "test/stage2", "metadata": {}}
-        for qid in question_ids
-    ])
-    ctx.run.mark_done(directory)
+stub = openai_stub_fixture(expected_key=KEY, scores=qa90_scores, env={KEY_ENV: KEY})
 
 
 def judge_dir(ctx: StageContext, bench: str = "llava-bench") -> Path:
     return ctx.run.stage_dir("judge") / bench
-
-
-def assert_key_nowhere(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            assert KEY.encode() not in path.read_bytes(), f"the API key was written into {path}"
 
 
 @needs_tables

@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+from conftest import openai_stub_fixture
 from openai_stub import OpenAIStub
 
 from llava_hpc.eval.judge_transport import (
@@ -24,11 +25,7 @@ def requests(count: int, model: str = "gpt-4o-mini"):
                          [{"role": "user", "content": f"[Question]\nq{i}\n\nrest"}], 0.2, 64) for i in range(count)]
 
 
-@pytest.fixture
-def stub():
-    with OpenAIStub() as server:
-        server.script.expected_key = KEY
-        yield server
+stub = openai_stub_fixture(expected_key=KEY)
 
 
 def collect(transport, batch):
