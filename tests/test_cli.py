@@ -163,8 +163,10 @@ def test_cancel_stops_a_local_job(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = tmp_path / "run" / "features" / "pretrain" / "part-00000.parquet"
     deadline = time.time() + 90
-    while not shard.exists():
-        assert time.time() < deadline, "the local job never wrote its first shard"
+    jobs = tmp_path / "run" / "jobs.jsonl"
+    # Both: a loaded machine can run the job's first shard before `submit` has recorded the job it started.
+    while not (shard.exists() and jobs.exists() and "job_ids" in jobs.read_text()):
+        assert time.time() < deadline, "the local job never wrote its first shard, or submit never recorded it"
         time.sleep(0.5)
     result = invoke("cancel", "features", "-p", str(path))
     assert result.exit_code == 0 and "cancelled" in result.output
