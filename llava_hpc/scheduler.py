@@ -157,6 +157,25 @@ def _stderr_to(path: Path | None):
         os.close(target)
 
 
+@contextmanager
+def _interruptible_controller(local: bool):
+    """While submitit starts a local job: `cancel` stops its controller with SIGINT, and a process started with
+    SIGINT ignored (`nohup llava-hpc submit ... &`, any `cmd &` in a script) would pass that on through exec, so the
+    controller would ignore the cancel and run on. Python's own handler is installed for the moment of the start
+    (exec resets a handler, never an ignore). The main thread only, where signal.signal works."""
+    import threading
+
+    if not local or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _mem(mem_gb: float) -> str:
     return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
@@ -309,7 +328,8 @@ class Scheduler:
         call = _RequeueableStageCall() if checkpointable else _run_in_job
         run_dir = str(self.run.root)
         controller_log = self.run.log_dir(stage) / "local-controller.err" if self.executor_kind == "local" else None
-        with _without_secrets(), _stderr_to(controller_log):
+        local = self.executor_kind == "local"
+        with _without_secrets(), _stderr_to(controller_log), _interruptible_controller(local):
             if len(tasks) == 1:
                 jobs = [executor.submit(call, run_dir, tasks[0])]
             else:

@@ -2,12 +2,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tomli_w
+
+# A suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and so would every
+# process the tests start: the tests that stop a `run` or a local job with SIGINT need Python's usual handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 # The real LLaVA-Bench tables (../shared/data beside the checkout, as on the development and CI machines).

@@ -9,7 +9,8 @@ import pytest
 
 from llava_hpc.orchestrate import summarize
 from llava_hpc.rundir import RunDir, Submission
-from llava_hpc.scheduler import QueryStats, Scheduler, _clock_to_seconds, _expand_array_ids, _gpus_in_tres
+from llava_hpc.scheduler import (QueryStats, Scheduler, _clock_to_seconds, _expand_array_ids, _gpus_in_tres,
+                                 _interruptible_controller)
 
 
 def fake_slurm(monkeypatch, scheduler, sacct: str, squeue: str | None):
@@ -249,3 +250,21 @@ def test_submitit_still_has_the_private_names_the_scheduler_relies_on():
     assert "self.env._requeue(countdown)" in inspect.getsource(SignalHandler.checkpoint_and_try_requeue)
     assert list(inspect.signature(SlurmExecutor._make_submission_file_text).parameters) == ["self", "command", "uid"]
     assert isinstance(inspect.getattr_static(SlurmExecutor, "_submitit_command_str"), property)
+
+
+def test_a_local_controller_started_with_sigint_ignored_still_answers_cancel():
+    """`nohup llava-hpc submit ... &` starts with SIGINT ignored; exec would hand that on to the local controller,
+    which `cancel` stops with SIGINT. While it starts, SIGINT has Python's handler (exec resets it to the default)."""
+    import sys
+
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "True"
+        with _interruptible_controller(local=True):
+            assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "False"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the caller's choice is back
+        with _interruptible_controller(local=False):  # Slurm jobs get their signals from Slurm
+            assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "True"
+    finally:
+        signal.signal(signal.SIGINT, saved)
