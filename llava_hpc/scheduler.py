@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -163,8 +164,6 @@ def _interruptible_controller(local: bool):
     SIGINT ignored (`nohup llava-hpc submit ... &`, any `cmd &` in a script) would pass that on through exec, so the
     controller would ignore the cancel and run on. Python's own handler is installed for the moment of the start
     (exec resets a handler, never an ignore). The main thread only, where signal.signal works."""
-    import threading
-
     if not local or threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         yield
@@ -327,8 +326,8 @@ class Scheduler:
         # Not checkpointable: submitit still requeues the job on preemption, not on timeout.
         call = _RequeueableStageCall() if checkpointable else _run_in_job
         run_dir = str(self.run.root)
-        controller_log = self.run.log_dir(stage) / "local-controller.err" if self.executor_kind == "local" else None
         local = self.executor_kind == "local"
+        controller_log = self.run.log_dir(stage) / "local-controller.err" if local else None
         with _without_secrets(), _stderr_to(controller_log), _interruptible_controller(local):
             if len(tasks) == 1:
                 jobs = [executor.submit(call, run_dir, tasks[0])]

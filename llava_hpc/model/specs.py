@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 TINY = "tiny"
 
+
 @dataclass(frozen=True)
 class TinyVisionSpec:
     """A randomly initialised CLIP tower small enough for CPU tests and the demo.
