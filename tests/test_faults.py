@@ -43,12 +43,14 @@ KEY = "sk-llava-hpc-fault-test-" + secrets.token_hex(16)  # distinctive: the sec
 # Where the judge jobs read it: the user's private key file, outside every directory the security test scans.
 KEY_FILE = Path(tempfile.mkdtemp(prefix="llava-hpc-keys-")) / "OPENAI_API_KEY"
 STAGE_ORDER = ["features", "stage1", "stage2", "generate", "judge", "report"]
-# Where each stage sleeps, so a fault lands mid-stage (the report sleeps before writing anything).
+# Where each stage sleeps, so a fault lands mid-stage (the report sleeps before writing anything, long enough that
+# an urgent job submitted once it runs is scheduled and preempts it first: at 6 s a loaded CI machine once let the
+# report finish before the preemption struck).
 SLOW = {
     "LLAVA_HPC_FAULT_SLEEP_AFTER_SHARD": "3",
     "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "1",
     "LLAVA_HPC_FAULT_SLEEP_AFTER_CHUNK": "3",
-    "LLAVA_HPC_FAULT_SLEEP_BEFORE_REPORT": "6",
+    "LLAVA_HPC_FAULT_SLEEP_BEFORE_REPORT": "15",
 }
 # Fields that measure the run rather than make up its results: wall times, speeds, memory, job bookkeeping.
 VOLATILE = {"time", "seconds", "generate_seconds", "finished_at", "samples_per_s", "tokens_per_s", "memory_gb",
