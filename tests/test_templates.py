@@ -143,7 +143,7 @@ def test_reference_formats_on_the_tiny_tokenizer(tiny_tokenizer):
     )
     plain = ConversationTemplate("plain", tiny_tokenizer)
     caption = record("c", "Describe the image.\n<image>", "a red square.")
-    assert plain.render(vicuna_messages(caption)) == "<image>a red square.\n"
+    assert plain.render(vicuna_messages(caption)) == "<s><image>a red square.\n"
     assert plain.decode(plain.encode(caption).input_ids) == "<s><image>a red square.\n"
 
 
@@ -168,6 +168,18 @@ def test_smollm2_chat_template_ends_answers_with_im_end(smollm2_tokenizer):
     template = ConversationTemplate("chat_template", smollm2_tokenizer)
     assert smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>") in template.stop_token_ids
 
+
+
+def test_plain_starts_with_one_bos_whether_the_tokenizer_adds_it_or_not(smollm2_tokenizer, tiny_tokenizer):
+    """SmolLM2's tokenizer adds no bos: without one in the template, the image would take position 0 (a pretrained
+    LM's attention sink). The tiny tokenizer adds its own: still exactly one."""
+    caption = record("c", "<image>\nDescribe.", "a red square.")
+    for tokenizer in (smollm2_tokenizer, tiny_tokenizer):
+        plain = ConversationTemplate("plain", tokenizer)
+        encoded = plain.encode(caption)
+        assert encoded.input_ids[:2] == [tokenizer.bos_token_id, plain.image_token_id], tokenizer.bos_token
+        assert encoded.input_ids.count(tokenizer.bos_token_id) == 1
+        assert plain.decode(encoded.input_ids).endswith("a red square.\n")
 
 GOOD = record("bad-1", "<image>\nWhat colour?", "red")
 BAD_RECORDS = [
