@@ -214,3 +214,17 @@ def test_bench_cli_quick_measures_help_and_status_against_a_bare_start():
     for name in ("help_s", "status_s"):
         assert rows[name]["value"] > rows["python_start_s"]["value"] > 0
         assert rows[name]["detail"]["heavy_imports"] == []
+
+
+@pytest.mark.slow
+def test_bench_alignment_trains_both_variants_and_reports_against_chance():
+    """Two steps per variant (the figures in docs/demo.md come from the full run): the table is complete and sane."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_alignment.py"), "--steps", "2",
+                           "--eval-every", "2", "--n-eval", "2"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {row["metric"]: row for row in map(json.loads, done.stdout.splitlines())}
+    assert set(rows) == {"stage1_caption_loss_ratio_no_bos_vs_bos", "stage1_held_out_colour",
+                         "stage1_held_out_position", "stage1_seconds_per_step"}
+    assert rows["stage1_held_out_colour"]["detail"]["chance"] == pytest.approx(1 / 6, abs=1e-3)
+    assert 0 <= rows["stage1_held_out_position"]["value"] <= 1
+    assert rows["stage1_caption_loss_ratio_no_bos_vs_bos"]["detail"]["ours"] > 0

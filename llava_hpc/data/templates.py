@@ -70,7 +70,7 @@ _FLATTEN_CONTENT = r"""{%- set flattened = namespace(messages=[]) -%}
 
 # bos first whenever the tokenizer has one: the reference gets it from Llama's tokenizer, which adds it; SmolLM2's
 # (and other ChatML tokenizers') does not, and the image would sit at position 0, the attention sink of a pretrained
-# LM. Measured with SmolLM2 frozen (notes/synthetic-world.md): caption loss 2.85 at step 60 without, 0.45 with.
+# LM. Measured with SmolLM2 frozen (docs/demo.md): caption loss 2.85 at step 60 without, 0.45 with.
 _PLAIN = r"""{{- bos_token if bos_token else '' -}}{%- for message in messages -%}
 {%- if message['role'] == 'user' and '<image>' in message['content'] -%}{{- '<image>' -}}
 {%- elif message['role'] == 'assistant' -%}{{- message['content'] + '\n' -}}{%- endif -%}
