@@ -6,13 +6,14 @@ Two variants in one run: ours (the plain template starts with bos) and the refer
 that adds no bos of its own, as SmolLM2's (the image at position 0). Same seed, same batches, same steps.
 
     .venv/bin/python benchmarks/bench_alignment.py            # 300 steps per variant, ~25 min on 2 cores
-    .venv/bin/python benchmarks/bench_alignment.py --quick    # 40 steps, ~4 min
+    .venv/bin/python benchmarks/bench_alignment.py --quick    # 40 steps, ~3.5 min
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import dataclasses
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
 from llava_hpc.model.builders import build_llava, smollm2_gguf
 from llava_hpc.model.specs import LlavaSpec, LLMSpec, TinyVisionSpec, VisionTowerSpec
 from llava_hpc.model.vision import build_vision_tower
-from llava_hpc.synthetic import COLOUR_NAMES, POSITIONS, SyntheticSpec, SyntheticWorld, _caption_text, caption
+from llava_hpc.synthetic import COLOUR_NAMES, POSITIONS, SyntheticSpec, SyntheticWorld, caption
 
 ATTRIBUTES = {"colour": COLOUR_NAMES, "position": POSITIONS}
 
@@ -75,10 +76,7 @@ def held_out_accuracy(model, template, world, bench_features, n_eval: int, bos: 
         correct = 0
         for index in range(n_eval):
             scene = world.scene("bench", index)
-            forms = dict(count=scene.count, colour_name=scene.colour, shape=scene.shape, position=scene.position,
-                         background=scene.background)
-            texts = [_caption_text(**{**forms, ("colour_name" if attribute == "colour" else "position"): choice})
-                     for choice in choices]
+            texts = [caption(dataclasses.replace(scene, **{attribute: choice})) for choice in choices]
             image = bench_features[index:index + 1].expand(len(texts), -1, -1)
             losses = caption_losses(model, template, image, texts, bos)
             correct += choices[int(losses.argmin())] == getattr(scene, attribute)

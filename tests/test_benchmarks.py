@@ -218,7 +218,7 @@ def test_bench_cli_quick_measures_help_and_status_against_a_bare_start():
 
 @pytest.mark.slow
 def test_bench_alignment_trains_both_variants_and_reports_against_chance():
-    """Two steps per variant (the figures in docs/demo.md come from the full run): the table is complete and sane."""
+    """Two steps per variant (docs/performance.md has the --quick figures): the table is complete and sane."""
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_alignment.py"), "--steps", "2",
                            "--eval-every", "2", "--n-eval", "2"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

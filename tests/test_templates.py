@@ -169,7 +169,6 @@ def test_smollm2_chat_template_ends_answers_with_im_end(smollm2_tokenizer):
     assert smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>") in template.stop_token_ids
 
 
-
 def test_plain_starts_with_one_bos_whether_the_tokenizer_adds_it_or_not(smollm2_tokenizer, tiny_tokenizer):
     """SmolLM2's tokenizer adds no bos: without one in the template, the image would take position 0 (a pretrained
     LM's attention sink). The tiny tokenizer adds its own: still exactly one."""
@@ -180,6 +179,7 @@ def test_plain_starts_with_one_bos_whether_the_tokenizer_adds_it_or_not(smollm2_
         assert encoded.input_ids[:2] == [tokenizer.bos_token_id, plain.image_token_id], tokenizer.bos_token
         assert encoded.input_ids.count(tokenizer.bos_token_id) == 1
         assert plain.decode(encoded.input_ids).endswith("a red square.\n")
+
 
 GOOD = record("bad-1", "<image>\nWhat colour?", "red")
 BAD_RECORDS = [
