@@ -280,6 +280,8 @@ class TrainStage(Strict):
     batch_size: int = Field(16, ge=1, description="per device micro-batch")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
+    projector_lr: float | None = Field(None, gt=0, description="the projector's own peak lr (the reference's "
+                                       "mm_projector_lr), e.g. far above the LLM's in stage 2; default: lr")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
