@@ -203,13 +203,13 @@ def test_the_stage_table_holds_every_training_setting():
     assert {f.name for f in dataclasses.fields(TrainSettings)} <= set(TrainStage.model_fields)
 
 
-def test_projector_lr_puts_the_projector_in_a_group_of_its_own():
+def test_projector_lr_puts_the_projector_in_a_group_of_its_own(tmp_path):
     """The reference's mm_projector_lr: the projector at its own peak lr, the LLM at `lr`, one schedule for both."""
     import dataclasses
 
     from llava_hpc.model.builders import build_llava
     from llava_hpc.model.specs import LlavaSpec
-    from llava_hpc.train.loop import TorchEngine, param_groups
+    from llava_hpc.train.loop import ResumeError, TorchEngine, param_groups
 
     model, _ = build_llava(LlavaSpec(), device="cpu", with_vision_tower=False)
     model.freeze_language_model(False)
@@ -230,6 +230,11 @@ def test_projector_lr_puts_the_projector_in_a_group_of_its_own():
     engine.scheduler.step()  # the cosine schedule scales both peaks by the same factor
     low, high = engine.scheduler.get_last_lr()
     assert high / low == pytest.approx(30.0)
+
+    engine.save(tmp_path, {})  # resuming without projector_lr: one group against two, said plainly
+    plain = TorchEngine(model, settings, total=10, warmup=0, precision="fp32", device=torch.device("cpu"))
+    with pytest.raises(ResumeError, match=r"2 optimizer group\(s\), this run has 1: projector_lr was set or unset"):
+        plain.load(tmp_path)
 
     model.freeze_language_model(True)  # stage 1: only the projector trains; one group at projector_lr
     (only,) = param_groups(model, with_projector_lr)

@@ -206,6 +206,11 @@ class TorchEngine:
         missing = self.model.load_state_dict(state["model"], strict=False).unexpected_keys
         if missing:
             raise ResumeError(f"{directory}: checkpoint holds parameters this model lacks: {missing[:3]}")
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(self.optimizer.param_groups):
+            raise ResumeError(f"{directory}: checkpoint was trained with {saved_groups} optimizer group(s), this run has "
+                              f"{len(self.optimizer.param_groups)}: projector_lr was set or unset since; restore it "
+                              "to resume, or train into a new run directory")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
