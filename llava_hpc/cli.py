@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -159,9 +160,32 @@ class _Progress:
             self.live = None
 
 
+# The signal that stopped a submitting command, when it was not Ctrl-C (see _stop_like_ctrl_c).
+_stopped_by: int | None = None
+
+
+def _stop_like_ctrl_c() -> None:
+    """SIGTERM (`kill`, a CI or `timeout` limit) and SIGHUP (the terminal closed) stop a submitting command as
+    Ctrl-C does. Otherwise they end it on the spot and the stages it started on this machine live on (their tasks
+    ignore SIGTERM, Slurm's pre-kill warning), training beside the rerun in the same run directory. A signal the
+    caller chose to ignore (`nohup`) stays ignored. The main thread only, where signal.signal works."""
+
+    def stop(signum, frame):
+        global _stopped_by
+        _stopped_by = signum
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, stop)
+
+
 def _interrupted(orchestrator) -> None:
-    """Ctrl-C: stages that run on this machine stop with this command (their finished work is kept: shards,
-    checkpoints, answer chunks, `_SUCCESS` markers); Slurm jobs are the queue's and go on."""
+    """Ctrl-C (or SIGTERM/SIGHUP): stages that run on this machine stop with this command (their finished work is
+    kept: shards, checkpoints, answer chunks, `_SUCCESS` markers); Slurm jobs are the queue's and go on. The exit
+    code is the shell's for the signal: 128 + its number."""
+    code = 128 + (_stopped_by or signal.SIGINT)
+    what = f"{signal.Signals(_stopped_by).name} received" if _stopped_by else "interrupted"
     if orchestrator.executor == "local":
         from llava_hpc.orchestrate import NothingToDo
 
@@ -169,15 +193,16 @@ def _interrupted(orchestrator) -> None:
             stopped = orchestrator.cancel(None)
         except NothingToDo:
             stopped = []
-        what = f"stopped the running stage (pid {', '.join(stopped)})" if stopped else "nothing was running"
-        _fail(f"interrupted: {what}; finished stages and saved work are kept. Run the same command again to go on "
-              "from there.", code=130)
-    _fail("interrupted: the Slurm jobs already submitted go on (`llava-hpc status`; `llava-hpc cancel` stops them)",
-          code=130)
+        stages = f"stopped the running stage (pid {', '.join(stopped)})" if stopped else "nothing was running"
+        _fail(f"{what}: {stages}; finished stages and saved work are kept. Run the same command again to go on "
+              "from there.", code=code)
+    _fail(f"{what}: the Slurm jobs already submitted go on (`llava-hpc status`; `llava-hpc cancel` stops them)",
+          code=code)
 
 
 def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overrides, plan_options=None):
     make_private()
+    _stop_like_ctrl_c()
     warnings: list[str] | None = [] if dry_run else None
     pipeline, run = _load(pipeline_opt, run_dir, warnings)
     stages = _stages_for(stage)
@@ -259,16 +284,18 @@ def run(
                                                             overrides)
     # What is left to the login side (a judge compute nodes cannot reach) is not waited for here.
     stages = [o.stage for o in outcomes if o.action not in ("login-side", "not-applicable")]
-    if orchestrator.executor == "slurm" and console.is_terminal:
-        with Live(console=console, refresh_per_second=1) as live:
-            rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
-    elif orchestrator.executor == "slurm":  # a log: progress lines, then the final table
-        progress = _Progress(orchestrator.progress)
+    if orchestrator.executor == "slurm":
         try:
-            rows = orchestrator.wait_until_finished(stages, poll_s=poll, on_poll=progress.rows)
+            if console.is_terminal:
+                with Live(console=console, refresh_per_second=1) as live:
+                    rows = orchestrator.wait_until_finished(
+                        stages, poll_s=poll, on_poll=lambda r: live.update(_status_table(r, run_obj)))
+            else:  # a log: progress lines, then the final table
+                rows = orchestrator.wait_until_finished(stages, poll_s=poll,
+                                                        on_poll=_Progress(orchestrator.progress).rows)
+                console.print(_status_table(rows, run_obj))
         except KeyboardInterrupt:
             _interrupted(orchestrator)
-        console.print(_status_table(rows, run_obj))
     else:
         rows = [r for r in orchestrator.status() if r.stage in stages]
         console.print(_status_table(rows, run_obj))

@@ -152,10 +152,9 @@ def _slow_run_pipeline(tmp_path: Path) -> Path:
     return write_pipeline(tmp_path / "p.toml", data)
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_run_stops_the_stage_and_the_rerun_goes_on(tmp_path):
-    """Ctrl-C mid stage 1: the stage's job stops with the command, finished stages and checkpoints stay; the same
-    command again does not redo the features and resumes stage 1 from its checkpoint."""
+def _stop_run_mid_stage1(tmp_path: Path, signum: int) -> tuple[Path, Path, str]:
+    """Start `run`, send `signum` once stage 1 has saved a checkpoint; the command exits 128 + signum with one
+    message and no traceback, and the stage's job and tasks are gone within 30 s. (pipeline, run dir, stderr)."""
     path = _slow_run_pipeline(tmp_path)
     run_dir = tmp_path / "run"
     environ = {**os.environ, "COLUMNS": "300", "LLAVA_HPC_FAULT_SLEEP_AFTER_STEP": "1.5"}
@@ -166,10 +165,10 @@ def test_ctrl_c_during_run_stops_the_stage_and_the_rerun_goes_on(tmp_path):
     while not (checkpoints.exists() and any(checkpoints.glob("step-*/_COMPLETE"))):
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.5)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(signum)
     out, err = first.communicate(timeout=60)
-    assert first.returncode == 130, out + err
-    assert "interrupted: stopped the running stage" in err and "Traceback" not in err, err
+    assert first.returncode == 128 + signum, out + err
+    assert "stopped the running stage" in err and "Traceback" not in err, err
     stage1_job = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()][-1]
     assert stage1_job["stage"] == "stage1"
     pid = int(stage1_job["job_ids"][0])
@@ -178,6 +177,15 @@ def test_ctrl_c_during_run_stops_the_stage_and_the_rerun_goes_on(tmp_path):
         time.sleep(0.5)
     assert not _alive(pid), "the stage's job outlived the interrupted command"
     assert not _processes_of(run_dir / "logs" / "stage1"), "the stage's task outlived the interrupted command"
+    return path, run_dir, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_stops_the_stage_and_the_rerun_goes_on(tmp_path):
+    """Ctrl-C mid stage 1: the stage's job stops with the command, finished stages and checkpoints stay; the same
+    command again does not redo the features and resumes stage 1 from its checkpoint."""
+    path, run_dir, err = _stop_run_mid_stage1(tmp_path, signal.SIGINT)
+    assert "interrupted: stopped the running stage" in err, err
 
     again = cli("run", "-p", str(path), timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -185,6 +193,14 @@ def test_ctrl_c_during_run_stops_the_stage_and_the_rerun_goes_on(tmp_path):
     assert stages.count("features") == 1 and stages.count("stage1") == 2
     assert "features  skipped-done" in again.stdout
     assert json.loads((run_dir / "stage1" / "summary.json").read_text())["resumed_from_step"] >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_run_stops_the_stage_like_ctrl_c(tmp_path):
+    """`kill` (or a `timeout`/CI limit) on `run`: without a handler the command died alone and its local stage,
+    whose tasks ignore SIGTERM, trained on beside the next run in the same directory."""
+    _, _, err = _stop_run_mid_stage1(tmp_path, signal.SIGTERM)
+    assert "SIGTERM received: stopped the running stage" in err, err
 
 
 def _processes_of(log_folder: Path) -> list[int]:
@@ -225,3 +241,24 @@ def test_a_second_run_on_the_same_directory_refuses_clearly(tmp_path):
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
+
+
+def test_a_signal_the_caller_ignores_stays_ignored():
+    """`nohup llava-hpc run &` ignores SIGHUP on purpose: logging out must not stop it; SIGTERM still does."""
+    from llava_hpc import cli as cli_module
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cli_module._stop_like_ctrl_c()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)
+        assert cli_module._stopped_by == signal.SIGTERM
+    finally:
+        cli_module._stopped_by = None
+        for s, h in saved.items():
+            signal.signal(s, h)
