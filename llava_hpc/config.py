@@ -225,6 +225,9 @@ class ModelConfig(Strict):
     image_aspect_ratio: Literal["crop", "pad"] = "crop"
     llm: str = Field("tiny", description="'tiny', 'smollm2', a Hugging Face id or a local directory")
     projector: Literal["linear", "mlp2x_gelu"] = "linear"
+    standardize_features: bool = Field(
+        False, description="scale each feature dimension to mean 0, std 1 (stage 1 measures it) before the projector; "
+        "not in the reference; export folds it into the projector")
     template: Literal["chat_template", "vicuna_v1"] = "chat_template"
     max_length: int = Field(2048, ge=16)
     # The model's own dataclasses (torch-free, model/specs.py), validated as they are: one declaration, one default.

@@ -9,7 +9,9 @@ import weakref
 import numpy as np
 import pytest
 
-from llava_hpc.data.features_io import CorruptShardError, FeatureStore, shard_bytes_estimate, write_shard
+from llava_hpc.data.features_io import (
+    CorruptShardError, FeatureStore, feature_statistics, shard_bytes_estimate, write_shard,
+)
 from llava_hpc.rundir import read_jsonl
 
 
@@ -177,3 +179,18 @@ def test_an_image_in_two_shards_is_refused(tmp_path):
         FeatureStore(tmp_path)
     with pytest.raises(ValueError, match="'b.png' appears more than once"):
         write_shard(tmp_path, 2, images=["b.png", "b.png"], features=np.zeros((2, 4, 2), np.float16))
+
+
+def test_feature_statistics_are_per_dimension_over_the_first_images(tmp_path):
+    rng = np.random.default_rng(0)
+    features = [rng.normal([1.0, -2.0, 5.0], [0.5, 3.0, 0.0], size=(10, 4, 3)).astype(np.float16) for _ in range(3)]
+    for number, shard in enumerate(features):
+        write_shard(tmp_path, number, images=[f"s{number}-{row}.png" for row in range(10)], features=shard)
+    mean, std, images = feature_statistics(tmp_path, max_images=15)
+    sample = np.concatenate([features[0], features[1][:5]]).reshape(-1, 3).astype(np.float64)
+    assert images == 15
+    np.testing.assert_allclose(mean, sample.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std[:2], sample.std(0)[:2], rtol=1e-4)
+    assert std[2] == 1.0  # a constant dimension is left unscaled, not divided by ~0
+    with pytest.raises(FileNotFoundError, match="run the features stage"):
+        feature_statistics(tmp_path / "missing")

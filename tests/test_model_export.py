@@ -29,16 +29,22 @@ def hf_recipe_inputs(processor, image, question):
 
 
 @pytest.mark.parametrize(
-    "projector, template, aspect",
-    [("linear", "chat_template", "crop"), ("mlp2x_gelu", "vicuna_v1", "crop"), ("linear", "vicuna_v1", "pad")],
+    "projector, template, aspect, standardize",
+    [("linear", "chat_template", "crop", False), ("mlp2x_gelu", "vicuna_v1", "crop", False),
+     ("linear", "vicuna_v1", "pad", False), ("linear", "chat_template", "crop", True),
+     ("mlp2x_gelu", "chat_template", "crop", True)],
 )
-def test_exported_transformers_model_gives_the_same_logits(tmp_path, projector, template, aspect):
-    spec = LlavaSpec(vision=VisionTowerSpec(image_aspect_ratio=aspect), llm=LLM, projector=projector)
+def test_exported_transformers_model_gives_the_same_logits(tmp_path, projector, template, aspect, standardize):
+    spec = LlavaSpec(vision=VisionTowerSpec(image_aspect_ratio=aspect), llm=LLM, projector=projector,
+                     standardize_features=standardize)
     model, tokenizer = build_llava(spec)
     model.eval()
     with torch.no_grad():  # a trained-looking projector, not the init's small weights
         for parameter in model.multi_modal_projector.parameters():
             parameter.normal_(0.0, 0.3)
+    if standardize:  # folded into linear_1 on export: transformers' model has no such step
+        hidden = model.multi_modal_projector.linear_1.in_features
+        model.multi_modal_projector.set_feature_statistics(torch.randn(hidden), torch.rand(hidden) * 3 + 0.25)
     export_llava(model, tokenizer, model.vision_tower.image_processor, tmp_path / "model", template)
 
     hf_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").eval()

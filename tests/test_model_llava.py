@@ -276,13 +276,15 @@ def test_stage1_loss_falls():
     assert losses[-1] < losses[0] - 0.3
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
-def test_projector_file_round_trip(tmp_path, kind):
-    projector = LlavaMultiModalProjector(kind, 64, 128)
+@pytest.mark.parametrize("kind, standardize", [("linear", False), ("mlp2x_gelu", False), ("linear", True)])
+def test_projector_file_round_trip(tmp_path, kind, standardize):
+    projector = LlavaMultiModalProjector(kind, 64, 128, standardize_features=standardize)
+    if standardize:
+        projector.set_feature_statistics(torch.randn(64), torch.rand(64) + 0.5)
     path = tmp_path / "projector.safetensors"
     save_projector(projector, path)
     loaded = load_projector(path)
-    assert loaded.projector_type == kind
+    assert loaded.projector_type == kind and loaded.standardize_features == standardize
     x = torch.randn(2, 5, 64)
     assert torch.equal(loaded(x), projector(x))
     with pytest.raises(ValueError, match="unknown projector"):
@@ -349,3 +351,16 @@ def test_temperature_zero_is_argmax_whatever_the_checkpoint_ships(seeded, monkey
         assert generated[0].tolist() == argmax, f"seed {seed}"
     # The checkpoint's own config is back once generate returns.
     assert model.language_model.generation_config.temperature == 0.6
+
+
+def test_standardised_features_are_scaled_before_the_projector_and_fold_into_linear_1():
+    projector = LlavaMultiModalProjector("linear", 8, 4, standardize_features=True)
+    mean, std = torch.randn(8), torch.rand(8) * 3 + 0.25
+    projector.set_feature_statistics(mean, std)
+    features = torch.randn(3, 8) * std + mean
+    expected = projector.linear_1((features - mean) / std)
+    assert torch.allclose(projector(features), expected)
+    weight, bias = projector.folded_linear_1()
+    assert torch.allclose(features @ weight.T + bias, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="without standardize_features"):
+        LlavaMultiModalProjector("linear", 8, 4).set_feature_statistics(mean, std)

@@ -239,3 +239,27 @@ def test_projector_lr_puts_the_projector_in_a_group_of_its_own(tmp_path):
     model.freeze_language_model(True)  # stage 1: only the projector trains; one group at projector_lr
     (only,) = param_groups(model, with_projector_lr)
     assert only["lr"] == 3e-3 and {id(p) for p in only["params"]} == projector_ids
+
+
+def test_standardised_features_are_measured_by_stage1_and_folded_into_the_export(tmp_path):
+    from llava_hpc.data.features_io import feature_statistics
+    from llava_hpc.model.export import load_exported
+    from llava_hpc.model.llava import load_projector
+
+    data = small_pipeline_dict(tmp_path / "run", model={"standardize_features": True})
+    data["stages"]["stage1"]["max_steps"] = 3
+    data["stages"]["stage2"]["max_steps"] = 2
+    pipeline = load_pipeline(write_pipeline(tmp_path / "pipeline.toml", data))
+    orchestrator = Orchestrator(pipeline, RunDir(pipeline.run_dir))
+    for stage in ("features", "stage1", "stage2"):
+        assert orchestrator.submit(stage)[0].action != "failed"
+    run = tmp_path / "run"
+    stage1 = load_projector(run / "stage1" / "projector.safetensors")
+    mean, std, _ = feature_statistics(run / "features" / "pretrain")
+    assert stage1.standardize_features
+    assert torch.equal(stage1.feature_mean, torch.from_numpy(mean))
+    assert torch.equal(stage1.feature_std, torch.from_numpy(std))
+    assert float(std.min()) < 0.9 * float(std.max())  # the tiny tower's dimensions do differ in scale
+    # transformers' projector has no such step: the export folds it into linear_1
+    exported, _, _, _ = load_exported(run / "stage2" / "model")
+    assert not exported.multi_modal_projector.standardize_features

@@ -115,6 +115,29 @@ def read_shard(path: Path, verify: bool = False) -> Shard:
     return Shard(table.column("image").to_pylist(), table.column("content_hash").to_pylist(), _features_of(table))
 
 
+def feature_statistics(directory: Path, max_images: int = 512) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, std, images) of each feature dimension over the first shards' images, up to `max_images`.
+
+    Records reach shards by a seeded permutation, so the first shards are a random sample; 512 images hold
+    8K (tiny tower) to 295K (CLIP-L, 576 patches) patch vectors, plenty for a per-dimension mean and std."""
+    total = squares = None
+    images = vectors = 0
+    for path in shard_paths(Path(directory)):
+        features = read_shard(path, verify=True).features[: max_images - images]
+        flat = features.reshape(-1, features.shape[-1]).astype(np.float64)
+        total = flat.sum(0) + (0 if total is None else total)
+        squares = (flat * flat).sum(0) + (0 if squares is None else squares)
+        images, vectors = images + len(features), vectors + len(flat)
+        if images >= max_images:
+            break
+    if not vectors:
+        raise FileNotFoundError(f"{directory}: no feature shards (part-*.parquet); run the features stage first")
+    mean = total / vectors
+    std = np.sqrt(np.maximum(squares / vectors - mean * mean, 0.0))
+    # A constant dimension carries nothing: left unscaled rather than divided by ~0.
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32), images
+
+
 def shard_bytes_estimate(directory: Path) -> int:
     """Decoded bytes of the dataset's largest shard (rows x patches x hidden x 2, fp16): what one entry of a
     FeatureStore's cache holds, so a caller can size it from a memory budget:

@@ -190,7 +190,8 @@ def build_llava(
     num_patches, vision_hidden = (
         (vision_tower.num_patches, vision_tower.hidden_size) if vision_tower else vision_shape(spec.vision)
     )
-    projector = LlavaMultiModalProjector(spec.projector, vision_hidden, language_model.config.hidden_size)
+    projector = LlavaMultiModalProjector(spec.projector, vision_hidden, language_model.config.hidden_size,
+                                         standardize_features=spec.standardize_features)
     model = LlavaForCausalLM(
         vision_tower,
         projector.to(device=device, dtype=dtype),

@@ -111,7 +111,9 @@ def _hf_projector(projector: LlavaMultiModalProjector, config):
     weight = projector.linear_1.weight
     hf_projector = HFProjector(config).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        hf_projector.linear_1.load_state_dict(projector.linear_1.state_dict())
+        weight_1, bias_1 = projector.folded_linear_1()  # standardised features: the scaling folded in
+        hf_projector.linear_1.weight.copy_(weight_1)
+        hf_projector.linear_1.bias.copy_(bias_1)
         if projector.projector_type == "linear":
             hf_projector.linear_2.weight.copy_(torch.eye(weight.shape[0]))
             hf_projector.linear_2.bias.zero_()

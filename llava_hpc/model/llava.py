@@ -30,23 +30,54 @@ PROJECTORS = ("linear", "mlp2x_gelu")
 
 
 class LlavaMultiModalProjector(nn.Module):
-    """`linear`: one Linear (LLaVA v1, the seed study). `mlp2x_gelu`: Linear, GELU, Linear (LLaVA v1.5)."""
+    """`linear`: one Linear (LLaVA v1, the seed study). `mlp2x_gelu`: Linear, GELU, Linear (LLaVA v1.5).
 
-    def __init__(self, projector_type: str, vision_hidden_size: int, text_hidden_size: int):
+    `standardize_features` (not in the reference) scales each feature dimension to mean 0, std 1 over the training
+    images before linear_1 (`feature_mean`/`feature_std`, set by stage 1 from the features). A frozen tower's
+    dimensions can differ 10x in scale, which a small-batch stage 1 learns slowly around; the scaling is affine, so
+    export folds it into linear_1 (`folded_linear_1`) and the transformers model needs nothing new.
+    """
+
+    def __init__(self, projector_type: str, vision_hidden_size: int, text_hidden_size: int,
+                 standardize_features: bool = False):
         super().__init__()
         if projector_type not in PROJECTORS:
             raise ValueError(f"unknown projector {projector_type!r}; known: {PROJECTORS}")
         self.projector_type = projector_type
+        self.standardize_features = standardize_features
+        if standardize_features:
+            self.register_buffer("feature_mean", torch.zeros(vision_hidden_size))
+            self.register_buffer("feature_std", torch.ones(vision_hidden_size))
         self.linear_1 = nn.Linear(vision_hidden_size, text_hidden_size)
         if projector_type == "mlp2x_gelu":
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self.standardize_features:
+            image_features = (image_features - self.feature_mean) / self.feature_std
         hidden_states = self.linear_1(image_features)
         if self.projector_type == "mlp2x_gelu":
             hidden_states = self.linear_2(self.act(hidden_states))
         return hidden_states
+
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if not self.standardize_features:
+            raise ValueError("this projector was built without standardize_features")
+        with torch.no_grad():
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(std)
+
+    @torch.no_grad()
+    def folded_linear_1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of linear_1 acting on raw features: W (x - m) / s + b = (W / s) x + (b - (W / s) m)."""
+        weight, bias = self.linear_1.weight, self.linear_1.bias
+        if not self.standardize_features:
+            return weight.clone(), bias.clone()
+        # In float64: the folded map then matches the two-step one to float32 rounding.
+        scaled = weight.double() / self.feature_std.double()
+        folded_bias = bias.double() - scaled @ self.feature_mean.double()
+        return scaled.to(weight.dtype), folded_bias.to(bias.dtype)
 
 
 PROJECTOR_METADATA_KEY = "llava_hpc.projector"
@@ -60,6 +91,7 @@ def save_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike)
         "projector_type": projector.projector_type,
         "vision_hidden_size": projector.linear_1.in_features,
         "text_hidden_size": projector.linear_1.out_features,
+        "standardize_features": projector.standardize_features,
     }
     # One key: safetensors writes its metadata map in hash order, so several keys make the bytes differ run to run.
     metadata = {PROJECTOR_METADATA_KEY: json.dumps(description, sort_keys=True)}
@@ -76,7 +108,8 @@ def load_projector(path: str | os.PathLike) -> LlavaMultiModalProjector:
             raise ValueError(f"{path}: not a projector file (no projector_type in its safetensors metadata)")
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     projector = LlavaMultiModalProjector(
-        metadata["projector_type"], int(metadata["vision_hidden_size"]), int(metadata["text_hidden_size"])
+        metadata["projector_type"], int(metadata["vision_hidden_size"]), int(metadata["text_hidden_size"]),
+        standardize_features=bool(metadata.get("standardize_features", False)),
     )
     projector.load_state_dict(tensors)
     return projector.to(tensors["linear_1.weight"].dtype)

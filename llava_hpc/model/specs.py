@@ -80,3 +80,4 @@ class LlavaSpec:
     llm: LLMSpec = field(default_factory=LLMSpec)
     projector: str = "linear"  # "linear" (v1) or "mlp2x_gelu" (v1.5)
     max_length: int = 2048
+    standardize_features: bool = False  # see LlavaMultiModalProjector

@@ -44,6 +44,7 @@ def llava_spec(pipeline: Pipeline) -> LlavaSpec:
         llm=LLMSpec(name=model.llm, tiny=model.tiny_llm, vocabulary=vocabulary),
         projector=model.projector,
         max_length=model.max_length,
+        standardize_features=model.standardize_features,
     )
 
 
