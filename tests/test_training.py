@@ -263,3 +263,12 @@ def test_standardised_features_are_measured_by_stage1_and_folded_into_the_export
     # transformers' projector has no such step: the export folds it into linear_1
     exported, _, _, _ = load_exported(run / "stage2" / "model")
     assert not exported.multi_modal_projector.standardize_features
+
+    # A pipeline changed after stage 1 says which file and field disagree, instead of a state-dict mismatch.
+    data["model"]["standardize_features"] = False
+    changed = load_pipeline(write_pipeline(tmp_path / "pipeline.toml", data))
+    from llava_hpc.stages import StageContext, Task, stage2
+
+    task = Task("stage2", 0, "instruct")
+    with pytest.raises(ValueError, match=r"projector\.safetensors: trained with model\.standardize_features = true"):
+        stage2.run(StageContext(changed, RunDir(changed.run_dir)), task)

@@ -19,7 +19,13 @@ def run(ctx: StageContext, task: Task) -> dict:
     def prepare(model) -> None:
         model.freeze_language_model(False)
         weight = model.multi_modal_projector.linear_1.weight
-        model.multi_modal_projector = load_projector(projector_path).to(device=weight.device, dtype=weight.dtype)
+        projector = load_projector(projector_path)
+        wanted = ctx.pipeline.model.standardize_features
+        if projector.standardize_features != wanted:
+            raise ValueError(f"{projector_path}: trained with model.standardize_features = "
+                             f"{str(projector.standardize_features).lower()}, but the pipeline says "
+                             f"{str(wanted).lower()}; set it back, or redo stage1 (--force)")
+        model.multi_modal_projector = projector.to(device=weight.device, dtype=weight.dtype)
 
     return run_training(ctx, "stage2", ctx.pipeline.model.template, prepare, _finish)
 
