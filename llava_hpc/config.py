@@ -314,6 +314,13 @@ class TrainStage(Strict):
     slurm: ResourceOverrides = Field(default_factory=ResourceOverrides)
 
 
+class Stage1Stage(TrainStage):
+    template: Literal["plain", "chat_template", "vicuna_v1"] = Field(
+        "plain", description="'plain' (LLaVA-1.5): the image, then the caption, the record's prompt dropped; or the "
+        "conversation template, the record's prompt asking for the caption (LLaVA v1's paper), so the projector learns "
+        "to be read inside a chat turn, where a small LLM asked questions later meets the image")
+
+
 class GenerateStage(Strict):
     benches: list[str] | None = Field(None, description="default: every bench")
     model: Literal["stage2", "stage1"] = Field(
@@ -335,7 +342,7 @@ class PlainStage(Strict):
 # some, else only its Slurm resources. A training stage may be left out of a pipeline (None).
 STAGE_TABLES: dict[str, tuple[Any, Any]] = {
     "features": (FeaturesStage, Field(default_factory=FeaturesStage)),
-    "stage1": (TrainStage | None, None),
+    "stage1": (Stage1Stage | None, None),
     "stage2": (TrainStage | None, None),
     "generate": (GenerateStage, Field(default_factory=GenerateStage)),
 }

@@ -17,7 +17,7 @@ from conftest import REPO, SLURM_ACCOUNT, invoke, small_pipeline_dict, write_pip
 from openai_stub import OpenAIStub
 
 from llava_hpc import doctor
-from llava_hpc.config import load_pipeline, parse_pipeline
+from llava_hpc.config import Stage1Stage, load_pipeline, parse_pipeline
 from llava_hpc.doctor import CommandResult
 
 KEY_ENV = "LLAVA_TEST_DOCTOR_KEY"
@@ -322,10 +322,16 @@ def test_mostly_bad_records_and_stage1_pairs(tmp_path):
     chat = good_record(0)
     chat["conversations"] += [{"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing."}]
     pipeline, _ = llava_json_pipeline(tmp_path, [chat, good_record(1)], name="pairs.json")
-    pipeline = pipeline.model_copy(update={"stages": pipeline.stages.model_copy(
-        update={"stage1": pipeline.stages.stage2, "stage2": None})})
-    data = row(doctor.check_data(pipeline), "data real")
+
+    def trained_by_stage1(template: str):
+        stage1 = Stage1Stage(**pipeline.stages.stage2.model_dump(), template=template)
+        return pipeline.model_copy(update={"stages": pipeline.stages.model_copy(
+            update={"stage1": stage1, "stage2": None})})
+
+    data = row(doctor.check_data(trained_by_stage1("plain")), "data real")
     assert "record #0 (id 'r0'), field conversations: the plain template takes one human/gpt pair" in data.detail
+    # In a chat template, stage 1 takes multi-turn records as stage 2 does.
+    assert row(doctor.check_data(trained_by_stage1("chat_template")), "data real").status == "ok"
 
 
 # ---------------------------------------------------------------------------------------------- judge

@@ -272,3 +272,43 @@ def test_standardised_features_are_measured_by_stage1_and_folded_into_the_export
     task = Task("stage2", 0, "instruct")
     with pytest.raises(ValueError, match=r"projector\.safetensors: trained with model\.standardize_features = true"):
         stage2.run(StageContext(changed, RunDir(changed.run_dir)), task)
+
+
+def test_stage1_in_the_chat_template_trains_on_the_records_prompt(tmp_path):
+    """LLaVA v1's stage 1: the caption answers the record's prompt inside a chat turn (not `plain`'s image + caption);
+    the encoded cache holds that prompt, the loss only the caption, and the pipeline still ends with a stage-2 model."""
+    from llava_hpc.data.encoded import EncodeSettings
+    from llava_hpc.data.features_io import FeatureStore
+    from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
+    from llava_hpc.model.builders import build_llava
+    from llava_hpc.stages import StageContext
+    from llava_hpc.stages.common import llava_spec
+    from llava_hpc.stages.training import encoded_cache
+    from llava_hpc.synthetic import PRETRAIN_PROMPTS, SyntheticWorld
+
+    data = small_pipeline_dict(tmp_path / "run")
+    data["stages"]["stage1"].update(max_steps=2, template="chat_template")
+    data["stages"]["stage2"]["max_steps"] = 1
+    pipeline = load_pipeline(write_pipeline(tmp_path / "pipeline.toml", data))
+    run = RunDir(pipeline.run_dir)
+    orchestrator = Orchestrator(pipeline, run)
+    for stage in ("features", "stage1", "stage2"):
+        assert orchestrator.submit(stage)[0].action != "failed"
+    assert (tmp_path / "run" / "stage2" / "model" / "config.json").exists()
+
+    _, tokenizer = build_llava(llava_spec(pipeline), with_vision_tower=False)
+    template = ConversationTemplate("chat_template", tokenizer)
+    store = FeatureStore(run.stage_dir("features") / "pretrain")
+    settings = EncodeSettings(store.num_patches, pipeline.model.max_length, "truncate")
+    cache = encoded_cache(StageContext(pipeline, run), "stage1", template, settings)
+    assert cache.is_complete()  # the stage's cache is keyed by this template, so stage 1 used it
+    samples = cache.open()
+    record = SyntheticWorld.from_config(pipeline.synthetic).pretrain_records()[0]
+    assert samples.id(0) == record["id"]
+    input_ids, labels = samples.tokens(0)
+    prompt = record["conversations"][0]["value"].replace("<image>", "").strip()
+    assert prompt in PRETRAIN_PROMPTS
+    text = tokenizer.decode(input_ids.tolist())
+    assert prompt.lower().rstrip(".?") in text.lower()  # the tiny tokenizer lowercases
+    answer = tokenizer.decode([int(t) for t in labels if t != IGNORE_INDEX])
+    assert record["conversations"][1]["value"].lower().rstrip(".") in answer and "describe" not in answer

@@ -74,9 +74,10 @@ def check_data(pipeline: Pipeline, sample: int = SAMPLE_RECORDS) -> list[CheckRe
     """Each dataset file exists and parses; a seeded sample of its records passes the template rules and names an
     image that exists."""
     results = []
-    stage1 = pipeline.stages.stage1.dataset if pipeline.stages.stage1 else None
+    stage1 = pipeline.stages.stage1
+    plain = stage1.dataset if stage1 is not None and stage1.template == "plain" else None
     for name in _used_datasets(pipeline):
-        results.append(check_dataset(pipeline, name, sample, plain_pair=name == stage1))
+        results.append(check_dataset(pipeline, name, sample, plain_pair=name == plain))
     return results
 
 

@@ -1,5 +1,6 @@
-"""Stage 1: train the projector on precomputed features, the LLM frozen (the `plain` template: image, then
-caption). Writes `RUN/stage1/projector.safetensors`."""
+"""Stage 1: train the projector on precomputed features, the LLM frozen (by default the `plain` template: image,
+then caption; `[stages.stage1] template` can put the caption in a chat turn instead). Writes
+`RUN/stage1/projector.safetensors`."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _finish(ctx, result, model, tokenizer, env) -> dict:
 def run(ctx: StageContext, task: Task) -> dict:
     if ctx.pipeline.stages.stage1.zero_stage == 3:
         raise ValueError("stage1 trains only the projector: use zero_stage 0 or 2 (ZeRO-3 would partition a few MB)")
-    return run_training(ctx, "stage1", "plain", _prepare(ctx), _finish)
+    return run_training(ctx, "stage1", ctx.pipeline.stages.stage1.template, _prepare(ctx), _finish)
 
 
 STAGE = training_stage("stage1", after=("features",), run=run)
