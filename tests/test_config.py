@@ -19,6 +19,14 @@ def test_demo_pipeline_loads_with_paths_resolved_against_its_folder():
     assert pipeline.feature_datasets() == ["pretrain", "instruct"]
 
 
+def test_smollm2_demo_trains_the_projector_in_a_chat_turn_on_the_questions():
+    pipeline = load_pipeline(REPO / "pipelines" / "demo-smollm2.toml")
+    assert pipeline.model.llm == "smollm2" and pipeline.model.standardize_features
+    stage1 = pipeline.stages.stage1
+    assert (stage1.dataset, stage1.template) == ("instruct", "chat_template")
+    assert pipeline.feature_datasets() == ["instruct"]  # no captions: nothing else is computed
+
+
 def _fake_llava_data(root: Path) -> None:
     for rel in (
         "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
