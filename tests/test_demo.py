@@ -57,7 +57,7 @@ def test_smollm2_demo_small_runs_end_to_end_and_the_frozen_llm_learns_to_answer(
     data = tomllib.loads((REPO / "pipelines" / "demo-smollm2.toml").read_text())
     data["run_dir"] = str(tmp_path / "run")
     data["synthetic"].update(n_instruct=400, n_bench=40)
-    data["stages"]["stage1"].update(max_steps=60, save_every_steps=60)
+    data["stages"]["stage1"].update(max_steps=50, save_every_steps=50)  # one epoch of the 400 questions
     data["stages"]["stage2"].update(max_steps=2)
     pipeline = tmp_path / "demo-smollm2.toml"
     pipeline.write_text(tomli_w.dumps(data))
@@ -77,6 +77,6 @@ def test_smollm2_demo_small_runs_end_to_end_and_the_frozen_llm_learns_to_answer(
     assert not torch.equal(tuned[name], base["model.layers.0.self_attn.q_proj.weight"])
 
     answers = [json.loads(line)["text"] for line in (run / "generate" / "synthetic" / "answers.jsonl").open()]
-    vocabulary = {word for word in (*COLOUR_NAMES, *POSITIONS)}
+    vocabulary = {*COLOUR_NAMES, *POSITIONS}
     one_word = [a for a in answers if a.strip().rstrip(".").lower() in vocabulary]
     assert len(answers) == 40 and len(one_word) >= 36, answers
