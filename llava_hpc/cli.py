@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import signal
@@ -47,12 +49,41 @@ PipelineOpt = Annotated[
 ]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="run directory (default: the pipeline's run_dir)")]
 ExecutorOpt = Annotated[Optional[str], typer.Option("--executor", help="slurm | local | debug (default: the pipeline's)")]
-PartitionOpt = Annotated[Optional[str], typer.Option("--partition", help="Slurm partition for the submitted stage(s)")]
-AccountOpt = Annotated[Optional[str], typer.Option("--account", help="Slurm account to charge")]
-QosOpt = Annotated[Optional[str], typer.Option("--qos", help="Slurm QOS")]
-TimeOpt = Annotated[Optional[str], typer.Option("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")]
-GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="GPUs per node")]
-NodesOpt = Annotated[Optional[int], typer.Option("--nodes", help="nodes per job (multi-node training: one task per GPU)")]
+
+_SLURM = "Slurm resources (override the pipeline file for this command)"
+# The Slurm options a command may take, by the key config.with_resource_overrides knows them by.
+SLURM_OPTIONS = {
+    "partition": Annotated[Optional[str], typer.Option("--partition", help="Slurm partition for the submitted "
+                                                       "stage(s)", rich_help_panel=_SLURM)],
+    "account": Annotated[Optional[str], typer.Option("--account", help="Slurm account to charge",
+                                                     rich_help_panel=_SLURM)],
+    "qos": Annotated[Optional[str], typer.Option("--qos", help="Slurm QOS", rich_help_panel=_SLURM)],
+    "time": Annotated[Optional[str], typer.Option("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS",
+                                                  rich_help_panel=_SLURM)],
+    "gpus": Annotated[Optional[int], typer.Option("--gpus", help="GPUs per node", rich_help_panel=_SLURM)],
+    "nodes": Annotated[Optional[int], typer.Option("--nodes", help="nodes per job (multi-node training: one task "
+                                                   "per GPU)", rich_help_panel=_SLURM)],
+}
+
+
+def slurm_options(*keys: str):
+    """Give a command the named Slurm options (SLURM_OPTIONS), declared once here, and hand their values to it as
+    one `overrides` dict. Typer reads a command's parameters from its signature, so the wrapper's signature is the
+    command's own (less `overrides`) plus one keyword parameter per option."""
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "overrides"]
+        added = [inspect.Parameter(f"slurm_{key}", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=SLURM_OPTIONS[key]) for key in keys]
+
+        @functools.wraps(command)
+        def with_overrides(*args, **kwargs):
+            overrides = {key: kwargs.pop(f"slurm_{key}", None) for key in keys}
+            return command(*args, overrides=overrides, **kwargs)
+
+        with_overrides.__signature__ = inspect.Signature([*own, *added])
+        with_overrides.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+        return with_overrides
+    return decorate
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -240,45 +271,35 @@ def _submit(stage, pipeline_opt, run_dir, executor, force, dry_run, wait, overri
 
 
 @app.command()
+@slurm_options("partition", "account", "qos", "time", "gpus", "nodes")
 def submit(
     stage: Annotated[str, typer.Argument(help=f"a stage ({', '.join(ORDER)}) or 'all'")],
     pipeline: PipelineOpt = None,
     run_dir: RunDirOpt = None,
     executor: ExecutorOpt = None,
-    partition: PartitionOpt = None,
-    account: AccountOpt = None,
-    qos: QosOpt = None,
-    time_limit: TimeOpt = None,
-    gpus: GpusOpt = None,
-    nodes: NodesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="redo stages that are done or already queued")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sbatch script(s); submit nothing; needs no Slurm")] = False,
+    overrides: dict | None = None,
 ):
     """Submit a stage (or 'all', chained with afterok) as Slurm job(s). Done stages are skipped.
 
     On the local executor stages run on this machine, one after the other, and this command waits."""
-    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus, nodes=nodes)
     _submit(stage, pipeline, run_dir, executor, force, dry_run, None, overrides)
 
 
 @app.command()
+@slurm_options("partition", "account", "qos", "time", "gpus", "nodes")
 def run(
     pipeline: PipelineOpt = None,
     run_dir: RunDirOpt = None,
     executor: ExecutorOpt = None,
-    partition: PartitionOpt = None,
-    account: AccountOpt = None,
-    qos: QosOpt = None,
-    time_limit: TimeOpt = None,
-    gpus: GpusOpt = None,
-    nodes: NodesOpt = None,
     force: Annotated[bool, typer.Option("--force", help="redo stages that are done")] = False,
     poll: Annotated[float, typer.Option(help="seconds between status checks")] = 3.0,
+    overrides: dict | None = None,
 ):
     """Submit every stage and wait for the end, showing progress. The demo's main job:
 
         llava-hpc run -p pipelines/demo.toml"""
-    overrides = dict(partition=partition, account=account, qos=qos, time=time_limit, gpus=gpus, nodes=nodes)
     started = time.time()
     pipeline_obj, run_obj, orchestrator, outcomes = _submit("all", pipeline, run_dir, executor, force, False, None,
                                                             overrides)
@@ -445,15 +466,15 @@ def validate(
 
 
 @app.command()
+@slurm_options("account", "qos")
 def doctor(
     pipeline: PipelineOpt = None,
     run_dir: RunDirOpt = None,
-    account: AccountOpt = None,
-    qos: QosOpt = None,
     online: Annotated[bool, typer.Option("--online", help="send the judge one request of max_tokens=1")] = False,
     probe: Annotated[bool, typer.Option("--probe", help="submit a 1-minute job: bf16, run-dir writes and an "
                                                         "all-reduce on the training stage's nodes")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    overrides: dict | None = None,
 ):
     """Check, before the first submit, what jobs would trip over: Slurm, account/QOS, partitions and GPUs, the run
     directory (shared, writable, room for the features), models offline, data files, the judge's key. Exit 1 on any
@@ -465,7 +486,7 @@ def doctor(
     warnings: list[str] = []
     pipeline_obj, _ = _load(pipeline, run_dir, warnings)
     # The account and QOS a submit would be given on its command line (sites often leave them out of the file).
-    pipeline_obj = _apply_overrides(pipeline_obj, list(ORDER), account=account, qos=qos)
+    pipeline_obj = _apply_overrides(pipeline_obj, list(ORDER), **overrides)
     results = checks.run_checks(pipeline_obj, online=online, probe=probe, pipeline_warnings=warnings,
                                 say=lambda text: err_console.print(f"[dim]{escape(text)}[/]", highlight=False))
     if as_json:
@@ -483,6 +504,7 @@ def doctor(
 
 
 @app.command()
+@slurm_options("partition", "account", "qos", "time")
 def judge(
     bench: Annotated[Optional[str], typer.Option("--bench", help="bench to judge (default: every judged bench)")] = None,
     pipeline: PipelineOpt = None,
@@ -494,11 +516,8 @@ def judge(
                                                  "the batches finish (default: submit and return)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count requests, tokens and cost; send nothing")] = False,
     executor: ExecutorOpt = None,
-    partition: PartitionOpt = None,
-    account: AccountOpt = None,
-    qos: QosOpt = None,
-    time_limit: TimeOpt = None,
     force: Annotated[bool, typer.Option("--force", help="judge again (cached replies are still reused)")] = False,
+    overrides: dict | None = None,
 ):
     """Judge a bench's answers with GPT-4 or any OpenAI-compatible endpoint (the reference LLaVA-Bench protocol).
 
@@ -526,7 +545,6 @@ def judge(
     where = executor or pipeline_obj.executor
     placement = judge_placement(pipeline_obj)
     if not (local or collect) and (where != "slurm" or placement.as_job):
-        overrides = dict(partition=partition, account=account, qos=qos, time=time_limit)
         _submit("judge", pipeline, run_dir, executor, force, False, None, overrides,
                 plan_options={"judge": {"benches": names}} if names else None)
         return

@@ -55,6 +55,34 @@ def test_dry_run_prints_sbatch_scripts_and_submits_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_slurm_options_are_declared_once_and_reach_the_command():
+    import typer
+    from typer.testing import CliRunner
+
+    from llava_hpc.cli import slurm_options
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @slurm_options("partition", "time")
+    def probe(name: str = "x", overrides: dict | None = None):
+        seen.update(name=name, overrides=overrides)
+
+    result = CliRunner().invoke(app, ["--name", "y", "--partition", "spgpu", "--time", "30"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"name": "y", "overrides": {"partition": "spgpu", "time": "30"}}
+    # Each command takes exactly the options that make sense for it.
+    takes = {"submit": {"--partition", "--account", "--qos", "--time", "--gpus", "--nodes"},
+             "run": {"--partition", "--account", "--qos", "--time", "--gpus", "--nodes"},
+             "judge": {"--partition", "--account", "--qos", "--time"}, "doctor": {"--account", "--qos"}}
+    for command, options in takes.items():
+        help_text = invoke(command, "--help", env={"COLUMNS": "200"}).output
+        present = {o for o in ("--partition", "--account", "--qos", "--time", "--gpus", "--nodes")
+                   if re.search(rf"{o}\b", help_text)}
+        assert present == options, command
+
+
 def test_run_on_debug_executor_and_status(small_pipeline):
     result = invoke("run", "-p", str(small_pipeline), "--executor", "debug")
     assert result.exit_code == 0, result.output
