@@ -211,15 +211,18 @@ def coco_context(tmp_path: Path, stub, bench: dict | None = None, **judge):
     return context_from(tmp_path, benches=benches, judge={k: v for k, v in settings.items() if v is not None})
 
 
-def fake_generate(ctx, bench: str, question_ids: list) -> None:
-    """The generate stage's output for `bench` (a made-up answer per question) and its _SUCCESS, without a model."""
+def fake_generate(ctx, bench: str, answers: list | dict, metadata: dict | None = None) -> None:
+    """The generate stage's output for `bench` and its _SUCCESS, without a model. `answers`: question ids (each gets a
+    made-up answer) or {question id: the answer's text}; `metadata`: each answer's generation settings."""
     from llava_hpc.rundir import atomic_write_jsonl
 
+    if not isinstance(answers, dict):
+        answers = {qid: f"A made-up answer for question {qid}." for qid in answers}
     directory = ctx.run.stage_dir("generate") / bench
     atomic_write_jsonl(directory / "answers.jsonl", [
-        {"question_id": qid, "prompt": "?", "text": f"A made-up answer for question {qid}.", "answer_id": f"cand-{qid}",
-         "model_id": "test/stage2", "metadata": {}}
-        for qid in question_ids
+        {"question_id": qid, "prompt": "?", "text": text, "answer_id": f"cand-{qid}", "model_id": "test/stage2",
+         "metadata": metadata or {}}
+        for qid, text in answers.items()
     ])
     ctx.run.mark_done(directory)
 

@@ -182,6 +182,32 @@ def test_gpu_partition_without_gpus_or_too_few(tmp_path, monkeypatch):
     assert spgpu.status == "error" and "stage2 ask for 3 nodes; spgpu has 2" in spgpu.detail
 
 
+LLAVA_BENCH = {"llava-bench": {"kind": "llava-bench-coco", "questions": "q.jsonl", "answers": "a.jsonl",
+                               "context": "c.jsonl", "rules": "rule.json", "images": "images"}}
+
+
+@pytest.mark.parametrize("variant", ["seed-like", "no bench", "stage 1 only", "batch judge", "judge as a job"])
+def test_planned_stages_are_what_submit_all_would_queue(tmp_path, variant):
+    from llava_hpc.orchestrate import Orchestrator
+    from llava_hpc.rundir import RunDir
+
+    data = small_pipeline_dict(tmp_path / "run", executor="slurm")
+    if variant == "no bench":
+        data["benches"] = {}
+    elif variant == "stage 1 only":
+        del data["stages"]["stage2"]
+        data["stages"]["generate"] = {"model": "stage1"}
+    elif variant == "batch judge":
+        data.update(benches=LLAVA_BENCH, judge={"transport": "batch"})
+    elif variant == "judge as a job":
+        data.update(benches=LLAVA_BENCH, judge={"where": "job", "base_url": "http://judge.cluster:8000/v1"})
+    pipeline = parse_pipeline(data, tmp_path / "pipeline.toml", check_files=False)
+    outcomes = Orchestrator(pipeline, RunDir(pipeline.run_dir), "slurm").submit("all", dry_run=True)
+    queued = [o.stage for o in outcomes if o.action == "dry-run"]
+    assert doctor.planned_stages(pipeline) == queued
+    assert ("judge" in queued) == (variant == "judge as a job")
+
+
 def test_parse_gres():
     parsed = doctor.parse_gres("gpu:a40:4(S:0-1),mps:400,gpu:2")
     assert [(g.name, g.type, g.count) for g in parsed] == [("gpu", "a40", 4), ("mps", None, 400), ("gpu", None, 2)]

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from conftest import (
     openai_stub_fixture,
     qa90,
     qa90_scores,
+    wait_for,
 )
 from openai_stub import OpenAIStub, question_of, user_text
 from PIL import Image
@@ -152,15 +152,20 @@ def start_judge_job(ctx: StageContext, extra_env: dict | None = None) -> subproc
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def wait_for(condition, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.time() + timeout_s
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"the judge job ended early:\n{process.stdout.read().decode()[-3000:]}")
-        if time.time() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for the judge job")
-        time.sleep(0.05)
+def wait_on_job(condition, job: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """conftest's wait_for, failing at once with the job's output if it ends first, and killing it on a timeout."""
+    def met() -> bool:
+        if condition():
+            return True
+        if job.poll() is not None:
+            raise AssertionError(f"the judge job ended early:\n{job.stdout.read().decode()[-3000:]}")
+        return False
+
+    try:
+        wait_for(met, timeout=timeout_s, poll=0.05, what="the judge job")
+    except AssertionError:
+        job.kill()
+        raise
 
 
 @needs_tables
@@ -176,7 +181,7 @@ def test_killed_sync_job_resumes_without_paying_twice(tmp_path, stub):
         cached = len(list(cache.glob("*.json"))) if cache.exists() else 0
         return bool(held) and cached == len(stub.answered_keys())
 
-    wait_for(settled, job)
+    wait_on_job(settled, job)
     job.send_signal(signal.SIGKILL)
     job.wait()
     answered_before = len(stub.answered_keys())
@@ -197,7 +202,7 @@ def test_killed_batch_job_polls_the_same_batch_again(tmp_path, stub, monkeypatch
     state = judge_dir(ctx) / "batches.json"
     stub.script.batch_polls = 10**9  # the batch stays in progress until the test says otherwise
     job = start_judge_job(ctx, {judging.BATCH_POLL_ENV: "0.05"})
-    wait_for(lambda: state.exists() and json.loads(state.read_text())["batches"][0]["batch_id"], job)
+    wait_on_job(lambda: state.exists() and json.loads(state.read_text())["batches"][0]["batch_id"], job)
     job.send_signal(signal.SIGKILL)
     job.wait()
 

@@ -3,13 +3,13 @@
 import json
 
 import pytest
-from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA, small_pipeline_dict, write_pipeline
+from conftest import LLAVA_EVAL, REQUIRE_EVAL_DATA, fake_generate, small_pipeline_dict, write_pipeline
 
 from llava_hpc.config import load_pipeline
 from llava_hpc.eval import exact_match, llava_bench
 from llava_hpc.eval.benches import load_bench
 from llava_hpc.eval.judged_report import summarize_reviews, write_report
-from llava_hpc.rundir import RunDir, atomic_write_jsonl
+from llava_hpc.rundir import RunDir
 from llava_hpc.stages import StageContext
 from llava_hpc.stages import report as report_stage
 
@@ -61,16 +61,7 @@ def context(tmp_path, **sections) -> StageContext:
     return StageContext(pipeline, RunDir(pipeline.run_dir))
 
 
-def fake_generate(ctx, bench: str, texts: dict) -> None:
-    """What the generate stage leaves behind, with answers written by hand."""
-    directory = ctx.run.stage_dir("generate") / bench
-    metadata = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "model_stage": "stage2", "new_tokens": 2}
-    atomic_write_jsonl(directory / "answers.jsonl", [
-        {"question_id": qid, "prompt": "?", "text": text, "answer_id": f"a{qid}", "model_id": "test/stage2",
-         "metadata": metadata}
-        for qid, text in texts.items()
-    ])
-    ctx.run.mark_done(directory)
+GENERATION = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "model_stage": "stage2", "new_tokens": 2}
 
 
 def test_report_scores_the_synthetic_bench(tmp_path):
@@ -81,7 +72,7 @@ def test_report_scores_the_synthetic_bench(tmp_path):
         q["question_id"]: (q["answer"].upper() + ".") if q["category"] == "colour" else "purple"
         for q in questions[:-1]
     }
-    fake_generate(ctx, "synthetic", texts)
+    fake_generate(ctx, "synthetic", texts, GENERATION)
     assert not report_stage.is_done(ctx)
     tasks = report_stage.plan(ctx)
     assert [(t.label, t.payload) for t in tasks] == [("synthetic (exact match)", {"bench": "synthetic"})]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from llava_hpc.config import Pipeline
 from llava_hpc.doctor.result import CheckResult
-from llava_hpc.eval.benches import judged_benches
+from llava_hpc.rundir import RunDir
+from llava_hpc.stages import ORDER, StageContext, get_stage
 
 COMMAND_TIMEOUT_S = 20.0
 # GPU kinds (GRES type names, lowercased prefixes) that have no native bf16: they would emulate it, slowly.
@@ -167,20 +168,16 @@ def slurm_facts(run: Callable[..., CommandResult] | None = None, user: str | Non
 
 # ---------------------------------------------------------------------------------------------- the pipeline's jobs
 def planned_stages(pipeline: Pipeline) -> list[str]:
-    """The stages `submit all` would queue as Slurm jobs."""
-    stages = []
-    if pipeline.datasets and (pipeline.stages.stage1 or pipeline.stages.stage2):
-        stages.append("features")
-    stages += [s for s in ("stage1", "stage2") if getattr(pipeline.stages, s) is not None]
-    if pipeline.benches:
-        stages.append("generate")
-        if judged_benches(pipeline):
-            from llava_hpc.eval.endpoint import judge_placement
-
-            if judge_placement(pipeline).as_job:
-                stages.append("judge")
-        stages.append("report")
-    return stages
+    """The stages `submit all` would queue as Slurm jobs, asked of each stage's declaration as the orchestrator asks
+    it (its table, whether the pipeline gives it anything to do, whether it runs on the login side), done or not."""
+    ctx = StageContext(pipeline, RunDir(pipeline.run_dir), executor="slurm", dry_run=True)
+    planned = []
+    for name in ORDER:
+        stage = get_stage(name)
+        if stage.settings(pipeline) is None or stage.not_applicable(ctx) is not None or stage.login_side(ctx):
+            continue
+        planned.append(name)
+    return planned
 
 
 def training_stage(pipeline: Pipeline) -> str | None:

@@ -2,8 +2,8 @@
 
 Each stage is a module `llava_hpc.stages.<name>` whose `STAGE` is a `Stage`: the functions the orchestrator and
 the job call, and its place in the chain. Adding a stage is its module and its name in `ORDER` (and, when it has
-settings of its own, its table in `config.py`; any other stage gets a `[stages.<name>]` table with only `slurm`;
-`doctor` checks the Slurm resources of the stages its `planned_stages` names). Worked example: docs/architecture.md.
+settings of its own, its table in `config.py`; any other stage gets a `[stages.<name>]` table with only `slurm`).
+The orchestrator, `status` and `doctor` ask the declaration, never the name. Worked example: docs/architecture.md.
 Stage modules are imported when first asked for (`get_stage(name)`) and import torch and the like only inside the
 functions that need them: `llava-hpc --help` and `status` stay light.
 Stages never import one another: they meet in the run directory.

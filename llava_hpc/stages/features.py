@@ -57,6 +57,10 @@ def output_dir(ctx: StageContext, dataset: str) -> Path:
     return ctx.run.stage_dir("features") / dataset
 
 
+def not_applicable(ctx: StageContext) -> str | None:
+    return None if ctx.pipeline.feature_datasets() else "no dataset in this pipeline"
+
+
 def is_done(ctx: StageContext) -> bool:
     return all(ctx.run.is_done(output_dir(ctx, name)) for name in ctx.pipeline.feature_datasets())
 
@@ -394,4 +398,4 @@ def progress(ctx: StageContext) -> str | None:
 
 
 STAGE = Stage(name="features", after=(), plan=plan, run=run, is_done=is_done, progress=progress, reset=reset,
-              preflight=preflight)
+              preflight=preflight, not_applicable=not_applicable)
