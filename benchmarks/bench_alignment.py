@@ -18,23 +18,24 @@ import math
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+import jsonrows  # benchmarks/jsonrows.py: stdout holds the JSON rows only
 
-from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate
-from llava_hpc.model.builders import build_llava, smollm2_gguf
-from llava_hpc.model.specs import LlavaSpec, LLMSpec, TinyVisionSpec, VisionTowerSpec
-from llava_hpc.model.vision import build_vision_tower
-from llava_hpc.synthetic import COLOUR_NAMES, POSITIONS, SyntheticSpec, SyntheticWorld, caption
-from llava_hpc.train.loop import native_bf16
+jsonrows.claim_stdout()  # before the heavy imports, which may print
+emit = jsonrows.emit
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from llava_hpc.data.templates import IGNORE_INDEX, ConversationTemplate  # noqa: E402
+from llava_hpc.model.builders import build_llava, smollm2_gguf  # noqa: E402
+from llava_hpc.model.specs import LlavaSpec, LLMSpec, TinyVisionSpec, VisionTowerSpec  # noqa: E402
+from llava_hpc.model.vision import build_vision_tower  # noqa: E402
+from llava_hpc.synthetic import COLOUR_NAMES, POSITIONS, SyntheticSpec, SyntheticWorld, caption  # noqa: E402
+from llava_hpc.train.loop import native_bf16  # noqa: E402
 
 ATTRIBUTES = {"colour": COLOUR_NAMES, "position": POSITIONS}
 # bf16 autocast only where the CPU computes in bf16 (AVX-512 BF16, AMX): emulated, it is ~40x slower than fp32.
 BF16 = native_bf16(torch.device("cpu"))
-
-
-def emit(metric: str, value, unit: str, **detail) -> None:
-    print(json.dumps({"metric": metric, "value": value, "unit": unit, "detail": detail}), flush=True)
 
 
 def features(tower, world: SyntheticWorld, split: str, n: int) -> torch.Tensor:

@@ -31,14 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import jsonrows  # noqa: E402  (benchmarks/jsonrows.py: stdout holds the JSON rows only)
+
+jsonrows.claim_stdout()  # before the heavy imports, which may print
+emit = jsonrows.emit
+
 from llava_hpc.synthetic import SyntheticSpec, SyntheticWorld  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "llava-hpc")
 IMAGES = 2000
-
-
-def emit(metric: str, value, unit: str, **detail) -> None:
-    print(json.dumps({"metric": metric, "value": value, "unit": unit, "detail": detail}), flush=True)
 
 
 def make_data(root: Path, n: int) -> tuple[Path, dict[int, tuple[str, str]]]:

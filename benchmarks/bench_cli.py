@@ -22,14 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import jsonrows  # noqa: E402  (benchmarks/jsonrows.py: stdout holds the JSON rows only)
+
+jsonrows.claim_stdout()  # before the heavy imports, which may print
+emit = jsonrows.emit
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "llava-hpc")
 HEAVY = ("torch", "transformers", "deepspeed", "openai", "matplotlib", "pyarrow", "datasets")
 GOALS = {"help": 0.3, "status": 0.5}
-
-
-def emit(metric: str, value, unit: str, **detail) -> None:
-    print(json.dumps({"metric": metric, "value": value, "unit": unit, "detail": detail}), flush=True)
 
 
 def timed(command: list[str], env: dict, repeats: int) -> float:

@@ -32,6 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+import jsonrows  # noqa: E402  (benchmarks/jsonrows.py: stdout holds the JSON rows only)
+
+jsonrows.claim_stdout()  # before the heavy imports, which may print
+emit = jsonrows.emit
+
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
@@ -43,10 +48,6 @@ MIB = 2**20
 # Training rates one GPU sustains on the seed recipe's shapes (docs/performance.md: estimated from the model
 # FLOPs of a Llama-3.2-1B step at 40 % MFU of an H100's 989 TFLOP/s; benchmarks/gpu/bench_gpu.py measures them).
 GPU_SAMPLES_PER_S = {"stage1": 250.0, "stage2": 90.0}
-
-
-def emit(metric: str, value, unit: str, **detail) -> None:
-    print(json.dumps({"metric": metric, "value": value, "unit": unit, "detail": detail}), flush=True)
 
 
 def _features(rows: int, patches: int, hidden: int, seed: int = 0) -> np.ndarray:
@@ -349,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(read_as_rank(Path(job["directory"]), job["rank"], job["world"], job["window"], job["batch"])))
+        jsonrows.print_json(read_as_rank(Path(job["directory"]), job["rank"], job["world"], job["window"], job["batch"]))
         return
     parts = {"storage": storage, "dedup": dedup, "encode": encode, "padding": padding, "rss": rss, "step": step_overhead}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:

@@ -228,3 +228,26 @@ def test_bench_alignment_trains_both_variants_and_reports_against_chance():
     assert rows["stage1_held_out_colour"]["detail"]["chance"] == pytest.approx(1 / 6, abs=1e-3)
     assert 0 <= rows["stage1_held_out_position"]["value"] <= 1
     assert rows["stage1_caption_loss_ratio_no_bos_vs_bos"]["detail"]["ours"] > 0
+
+
+def test_benchmark_stdout_carries_only_json_rows_whatever_else_prints(tmp_path):
+    """A library's logger bound to stdout before the claim (DeepSpeed's is), a bare write to descriptor 1 and a child
+    process that inherits it all land on stderr; the rows alone stay on stdout."""
+    script = tmp_path / "noisy_bench.py"
+    script.write_text(
+        "import logging, os, subprocess, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+        "library = logging.getLogger('library'); library.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "import jsonrows\n"
+        "jsonrows.claim_stdout()\n"
+        "library.warning('Setting accelerator to CPU.')\n"
+        "print('progress 1/2')\n"
+        "os.write(1, b'from C\\n')\n"
+        "subprocess.run([sys.executable, '-c', 'print(\"from a child\")'], check=True)\n"
+        "jsonrows.emit('answers_per_s', 12.5, 'answers/s', batch=8)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        {"metric": "answers_per_s", "value": 12.5, "unit": "answers/s", "detail": {"batch": 8}}]
+    for noise in ("Setting accelerator to CPU.", "progress 1/2", "from C", "from a child"):
+        assert noise in done.stderr
