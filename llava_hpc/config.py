@@ -309,6 +309,8 @@ class TrainStage(Strict):
     log_every_steps: int = Field(
         10, ge=1, description="a metrics.jsonl row (mean loss since the last) every so many steps; the first, the last "
         "and checkpoint steps always get one")
+    tensorboard: bool = Field(True, description="TensorBoard event files in the stage's directory, mirroring "
+                              "metrics.jsonl (offline, no account): `tensorboard --logdir RUN`")
     group_by_length: bool = Field(True, description="micro-batches of samples of similar length (less padding); "
                                   "where lengths give a sample's kind away and a step is one micro-batch, turn it off")
     slurm: ResourceOverrides = Field(default_factory=ResourceOverrides)

@@ -14,6 +14,7 @@ from llava_hpc.config import load_pipeline
 from llava_hpc.orchestrate import Orchestrator
 from llava_hpc.rundir import RunDir, read_jsonl
 from llava_hpc.train.loop import TrainSettings, lr_factor, rotate_checkpoints, total_steps
+from llava_hpc.train.tracking import read_scalars
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -96,6 +97,11 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     total = json.loads((tmp_path / "broken" / "stage2" / "summary.json").read_text())["steps"]
     assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == total
     assert set(range(2, total + 1, 2)) <= set(steps)
+    # TensorBoard shows the same rows: the killed attempt's steps past its checkpoint purged, not shown twice
+    rows = read_jsonl(tmp_path / "broken" / "stage2" / "metrics.jsonl")
+    shown = read_scalars(tmp_path / "broken" / "stage2")["loss"]
+    assert [step for step, _ in shown] == steps
+    assert [value for _, value in shown] == pytest.approx([row["loss"] for row in rows], rel=1e-6)
 
 
 def test_stage2_needs_stage1(tmp_path):

@@ -17,6 +17,7 @@ from llava_hpc.config import TrainStage
 from llava_hpc.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
 from llava_hpc.stages import Stage, StageContext, Task
 from llava_hpc.stages.common import llava_spec, load_positioned_records, model_preflight, subset_positions
+from llava_hpc.train.tracking import EVENTS_DIR
 
 # Planning, status and progress need none of the training machinery (torch, Arrow): `llava-hpc status` stays fast.
 if TYPE_CHECKING:
@@ -49,10 +50,11 @@ def is_done(ctx: StageContext, stage: str) -> bool:
 
 
 def reset(ctx: StageContext, stage: str) -> None:
-    """--force: train from scratch, so the old checkpoints and metrics go."""
+    """--force: train from scratch, so the old checkpoints, metrics and TensorBoard events go."""
     out_dir = ctx.run.stage_dir(stage)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / EVENTS_DIR, ignore_errors=True)
 
 
 def preflight(ctx: StageContext, stage: str) -> list[str]:

@@ -6,7 +6,8 @@
         ask the dataset to decode the next step's samples in the background
         for each micro-batch: forward, backward (the loss stays on the device)
         clip, optimizer step, lr schedule step
-        every `log_every_steps` (and at checkpoints): mean loss since the last row -> metrics.jsonl;
+        every `log_every_steps` (and at checkpoints): mean loss since the last row -> metrics.jsonl
+        (and TensorBoard's event files beside it);
         every `save_every_steps` save a checkpoint
 
 Data order is a pure function of (seed, step, rank, world size) (llava_hpc/data/sampling.py). Resuming at step s
@@ -47,6 +48,7 @@ from llava_hpc.rundir import (
     disk_full_error,
 )
 from llava_hpc.train import distributed
+from llava_hpc.train.tracking import TensorBoardMirror
 
 log = logging.getLogger("llava_hpc.train")
 
@@ -74,6 +76,7 @@ class TrainSettings:
     offload_params: bool = False
     shuffle_window_shards: int = 4  # data order: shards mixed at a time (SampleStream), so memory is bounded
     log_every_steps: int = 10  # a metrics row (mean loss since the last) every so many steps, and at checkpoints
+    tensorboard: bool = True  # mirror each metrics row into TensorBoard event files (tracking.py)
     group_by_length: bool = True  # micro-batches of similar length (less padding), from `dataset.lengths`
     projector_lr: float | None = None  # the projector's own peak lr (the reference's mm_projector_lr); None: `lr`
 
@@ -370,6 +373,7 @@ def train(
         kept = [line for line in metrics_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
         atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
     fault_step = faults.exit_after_step()
+    mirror = TensorBoardMirror(out_dir, start) if env.is_main and settings.tensorboard else None
     log.info("%s: %d samples, %d steps (global batch %d = %d x %d x %d ranks), %s, %s, resuming at step %d",
              stage, len(dataset), total, per_rank * env.world_size, settings.batch_size, settings.grad_accum,
              env.world_size, precision, type(engine).__name__, start)
@@ -384,13 +388,16 @@ def train(
         seconds = time.time() - window_started
         if env.is_main:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{engine.lr:.2e}")
-            append_jsonl(metrics_file, {
+            row = {
                 "step": done, "total_steps": total, "resumed_from": start, "loss": loss_value, "lr": engine.lr,
                 "grad_norm": engine.grad_norm,
                 "samples_per_s": window_steps * per_rank * env.world_size / seconds,
                 "tokens_per_s": window_tokens * env.world_size / seconds,
                 "memory_gb": _memory_gb(device), "time": time.time(),
-            })
+            }
+            append_jsonl(metrics_file, row)
+            if mirror is not None:
+                mirror.write(row)
         window_loss, window_steps, window_tokens, window_started = torch.zeros((), device=device), 0, 0, time.time()
 
     progress = tqdm(range(start, total), initial=start, total=total, desc=stage, disable=not env.is_main,
@@ -437,6 +444,8 @@ def train(
                 os._exit(3)
             faults.pause("after_step")
     progress.close()
+    if mirror is not None:
+        mirror.close()
     return TrainResult(total, start, loss_value, time.time() - started, engine)
 
 
